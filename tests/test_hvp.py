@@ -188,6 +188,21 @@ def test_unet_jvp_and_fd_match_exact_fp32(unet):
     assert rel(make_hvp(loss, params, backend="fd")(v), exact) <= 1e-3
 
 
+def test_unet_fd_runs_with_fused_sdpa_attention(unet):
+    """fd needs only first-order autograd, so it runs with SDPA (no double backward on CPU)."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    loss, params = unet_problem(unet, torch.float32)
+    v = [torch.randn_like(p) for p in params]
+    exact = make_hvp(loss, params, backend="exact")(v)
+    unet.set_attn_processor(AttnProcessor2_0())
+    try:
+        fd = make_hvp(loss, params, backend="fd")(v)
+    finally:
+        unet.set_attn_processor(AttnProcessor())
+    assert rel(fd, exact) <= 1e-3
+
+
 def test_unet_exact_matches_finite_difference_fp64(unet):
     loss, params = unet_problem(unet, torch.float64)
     v = [torch.randn_like(p) for p in params]

@@ -75,7 +75,7 @@ def _leaves(params: Sequence[Tensor]) -> list[Tensor]:
 def _grad(loss_fn: LossFn, x: list[Tensor]) -> list[Tensor]:
     """First-order gradient of loss_fn at x (no create_graph); zeros where x is unused."""
     with torch.enable_grad():
-        leaves = _leaves(x)
+        leaves = [p.detach().requires_grad_(True) for p in x]  # x is fresh: no copy needed
         loss = loss_fn(leaves)
         gs = torch.autograd.grad(loss, leaves, allow_unused=True)
     return [torch.zeros_like(p) if g is None else g for p, g in zip(leaves, gs)]
@@ -174,7 +174,9 @@ def make_hvp(
     Args:
         loss_fn: ``loss_fn(params: list[Tensor]) -> Tensor`` (0-d). For ``jvp`` it must be a pure
             function of its argument (use ``torch.func.functional_call`` for modules).
-        params: the point, a list of tensors of any shapes (copied and detached; not modified).
+        params: the point, a list of tensors of any shapes, never modified (``exact`` copies
+            them; ``jvp``/``fd`` keep detached views, so do not change them in place while the
+            returned hvp is in use).
         backend: "exact", "jvp" or "fd" (see the module docstring).
         eps: fixed finite-difference step for ``fd``; None picks ``fd_eps(params, v)`` per call.
 

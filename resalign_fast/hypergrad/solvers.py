@@ -262,7 +262,7 @@ _SOLVERS: dict[str, tuple[Callable[..., list[Tensor]], frozenset[str]]] = {
 }
 
 
-def make_solver(name: str, **kw: float) -> Solver:
+def make_solver(name: str, **kw: float | int) -> Solver:
     """Return ``solver(hvp, b)`` for ``name`` in {"richardson", "cg", "neumann"} with ``kw`` bound.
 
     Args:
