@@ -1,0 +1,270 @@
+"""Flash-style attention in Triton (online softmax, O(N) memory), differentiable at every order.
+
+Kernels -> launchers -> `AttentionImpl` -> the autograd Functions of resalign_fast.ops.attention:
+
+* `_fwd_kernel`: one program per (query block, batch*head); streams key/value blocks with an online
+  softmax and writes out and the row logsumexp (fp32).
+* `_bwd_dkdv_kernel`: one program per (key block, batch*head); streams query blocks, recomputing
+  the probabilities from the logsumexp; `_bwd_dq_kernel`: one program per query block. Two kernels
+  instead of atomics keep the backward deterministic.
+
+Only the first order runs here. The double backward and forward-mode AD (HVPs) go through the
+chunked recomputation of `resalign_fast.ops.attention`, so they need no (N, N) matrix either.
+Supported: (B, H, N, D) fp16/bf16/fp32 with D <= 256 (SD v1.4 uses 40, 80, 160), any lengths,
+no mask. fp32 matmuls run in IEEE fp32 (no TF32).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from resalign_fast.ops.attention import DEFAULT_CHUNK, AttentionImpl, chunked_attention
+
+LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 256
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _config(d: int, dtype: torch.dtype) -> dict:
+    """Block sizes: few large programs in the interpreter (about 1.8 ms per program on CPU); on GPU
+    64 x 64 tiles, or 32 x 32 when a (64, BLOCK_D) fp32 tile would crowd shared memory."""
+    block_d = max(16, triton.next_power_of_2(d))
+    if _interpreting():
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d)
+    small = block_d * (4 if dtype == torch.float32 else 2) > 256
+    block = 32 if small else 64
+    return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, num_warps=4)
+
+
+@triton.jit
+def _load(ptr, rows, n_rows, stride_n, cols, n_cols, stride_d):
+    """(len(rows), len(cols)) tile of a row-major (n_rows, n_cols) slice; zeros outside it."""
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    return tl.load(ptr + rows[:, None] * stride_n + cols[None, :] * stride_d, mask=mask, other=0.0)
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, O, LSE,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
+    H, NQ, NK, D, qk_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+):
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    cols0 = tl.arange(0, BLOCK_N)
+    q = _load(Q + b * sqb + h * sqh, rows, NQ, sqn, dims, D, sqd)
+    K += b * skb + h * skh
+    V += b * svb + h * svh
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    for start in range(0, NK, BLOCK_N):
+        cols = start + cols0
+        k = _load(K, cols, NK, skn, dims, D, skd)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # log2 units
+        s = tl.where(cols[None, :] < NK, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load(V, cols, NK, svn, dims, D, svd)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    o_ptr = O + b * sob + h * soh + rows[:, None] * son + dims[None, :] * sod
+    tl.store(o_ptr, acc.to(O.dtype.element_ty), mask=(rows[:, None] < NQ) & (dims[None, :] < D))
+    tl.store(LSE + bh * NQ + rows, (m_i + tl.log2(l_i)) / 1.4426950408889634, mask=rows < NQ)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
+    H, NQ, NK, D, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+):
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    rows0 = tl.arange(0, BLOCK_M)
+    k = _load(K + b * skb + h * skh, cols, NK, skn, dims, D, skd)
+    v = _load(V + b * svb + h * svh, cols, NK, svn, dims, D, svd)
+    Q += b * sqb + h * sqh
+    DO += b * sdb + h * sdh
+    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    for start in range(0, NQ, BLOCK_M):
+        rows = start + rows0
+        q = _load(Q, rows, NQ, sqn, dims, D, sqd)
+        do = _load(DO, rows, NQ, sdn, dims, D, sdd)
+        lse = tl.load(LSE + bh * NQ + rows, mask=rows < NQ, other=0.0)
+        delta = tl.load(DELTA + bh * NQ + rows, mask=rows < NQ, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC)
+        p = tl.exp2((s * scale - lse[:, None]) * 1.4426950408889634)
+        p = tl.where((rows[:, None] < NQ) & (cols[None, :] < NK), p, 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+    out_mask = (cols[:, None] < NK) & (dims[None, :] < D)
+    offs = b * skb + h * skh + cols[:, None] * skn + dims[None, :] * skd  # DK, DV share k's layout
+    tl.store(DK + offs, (dk * scale).to(DK.dtype.element_ty), mask=out_mask)
+    tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
+    H, NQ, NK, D, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+):
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    cols0 = tl.arange(0, BLOCK_N)
+    q = _load(Q + b * sqb + h * sqh, rows, NQ, sqn, dims, D, sqd)
+    do = _load(DO + b * sdb + h * sdh, rows, NQ, sdn, dims, D, sdd)
+    lse = tl.load(LSE + bh * NQ + rows, mask=rows < NQ, other=0.0)
+    delta = tl.load(DELTA + bh * NQ + rows, mask=rows < NQ, other=0.0)
+    K += b * skb + h * skh
+    V += b * svb + h * svh
+    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    for start in range(0, NK, BLOCK_N):
+        cols = start + cols0
+        k = _load(K, cols, NK, skn, dims, D, skd)
+        v = _load(V, cols, NK, svn, dims, D, svd)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC)
+        p = tl.exp2((s * scale - lse[:, None]) * 1.4426950408889634)
+        p = tl.where(cols[None, :] < NK, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+    offs = b * sqb + h * sqh + rows[:, None] * sqn + dims[None, :] * sqd  # DQ shares q's layout
+    tl.store(DQ + offs, (dq * scale).to(DQ.dtype.element_ty), mask=(rows[:, None] < NQ) & (dims[None, :] < D))
+
+
+def _prec(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # "tf32" is ignored for fp16/bf16 inputs
+
+
+def attention_fwd_triton(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Forward launcher.
+
+    Args:
+        q: (B, H, Nq, D); k, v: (B, H, Nk, D); fp16/bf16/fp32, any strides.
+        scale: score scale.
+
+    Returns:
+        out (B, H, Nq, D) in q's dtype, lse (B, H, Nq) fp32 (natural log).
+    """
+    bsz, heads, nq, d = q.shape
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(bsz, heads, nq, dtype=torch.float32, device=q.device)
+    cfg = _config(d, q.dtype)
+    grid = (triton.cdiv(nq, cfg["BLOCK_M"]), bsz * heads)
+    _fwd_kernel[grid](
+        q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        heads, nq, k.shape[2], d, scale * LOG2E, PREC=_prec(q.dtype), **cfg,
+    )
+    return out, lse
+
+
+def attention_bwd_triton(
+    q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward launcher: gradients of <dout, attention(q, k, v)>.
+
+    Args:
+        q: (B, H, Nq, D); k, v: (B, H, Nk, D); out, dout: (B, H, Nq, D); lse: (B, H, Nq) fp32.
+        scale: score scale.
+
+    Returns:
+        dq (B, H, Nq, D), dk, dv (B, H, Nk, D), contiguous, in the inputs' dtypes.
+    """
+    bsz, heads, nq, d = q.shape
+    nk = k.shape[2]
+    delta = (dout.float() * out.float()).sum(-1).contiguous()  # (B, H, Nq): rowsum(dP * P)
+    lse = lse.contiguous()
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(k.shape, dtype=v.dtype, device=v.device)
+    q, k, v = (x.contiguous() for x in (q, k, v))  # DQ/DK/DV are written with q's and k's strides
+    cfg = _config(d, q.dtype)
+    args = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), heads, nq, nk, d, scale)
+    _bwd_dkdv_kernel[(triton.cdiv(nk, cfg["BLOCK_N"]), bsz * heads)](
+        q, k, v, dout, lse, delta, dk, dv, *args, PREC=_prec(q.dtype), **cfg
+    )
+    _bwd_dq_kernel[(triton.cdiv(nq, cfg["BLOCK_M"]), bsz * heads)](
+        q, k, v, dout, lse, delta, dq, *args, PREC=_prec(q.dtype), **cfg
+    )
+    return dq, dk, dv
+
+
+def _no_mask(mask):
+    if mask is not None:
+        raise ValueError("triton attention has no mask support; use chunked_attention")
+
+
+def _impl_forward(q, k, v, mask, scale, chunk):
+    _no_mask(mask)
+    return attention_fwd_triton(q, k, v, scale)
+
+
+def _impl_backward(q, k, v, out, lse, dout, mask, scale, chunk):
+    _no_mask(mask)
+    return attention_bwd_triton(q, k, v, out, lse, dout, scale)
+
+
+TRITON = AttentionImpl("triton", _impl_forward, _impl_backward)
+
+
+def not_supported_reasons(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None) -> list[str]:
+    """Why the Triton kernels cannot run these inputs (empty: they can)."""
+    reasons = []
+    if not q.is_cuda and not _interpreting():
+        reasons.append(f"triton: tensors are on {q.device.type}; CPU needs TRITON_INTERPRET=1 set before triton is imported")
+    if q.dim() != 4:
+        reasons.append(f"triton: needs (B, H, N, D) tensors, got rank {q.dim()}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        reasons.append(f"triton: needs one dtype among fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[-1] != v.shape[-1] or q.shape[-1] > MAX_HEAD_DIM:
+        reasons.append(f"triton: needs head dim D == Dv <= {MAX_HEAD_DIM}, got {q.shape[-1]}, {v.shape[-1]}")
+    if attn_mask is not None:
+        reasons.append("triton: no attention mask support")
+    return reasons
+
+
+def attention_triton(
+    q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, chunk: int = DEFAULT_CHUNK
+) -> Tensor:
+    """Flash attention forward/backward in Triton; double backward and jvp via chunked recomputation.
+
+    Args:
+        q: (B, H, Nq, D); k, v: (B, H, Nk, D); fp16/bf16/fp32 on CUDA (or CPU under the interpreter).
+        scale: score scale; None means D ** -0.5.
+        chunk: query rows per chunk of the higher-order (chunked) rules.
+
+    Returns:
+        (B, H, Nq, D).
+
+    Raises:
+        ValueError: the inputs are not supported; lists every reason.
+    """
+    reasons = not_supported_reasons(q, k, v)
+    if reasons:
+        raise ValueError("; ".join(reasons))
+    return chunked_attention(q, k, v, scale, chunk, impl=TRITON)

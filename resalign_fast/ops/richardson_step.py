@@ -1,0 +1,86 @@
+"""One fused Richardson iteration for (I + gamma H) v = b, with the norms the guard needs.
+
+    v_new   = v + alpha * (b - v - gamma * hv)        (hv = H v)
+    upd_sq  = ||v_new - v||^2
+    vnew_sq = ||v_new||^2
+
+The reference reads and writes the buffers about ten times; the fused kernels read v, b, hv once
+and write v_new once, accumulating both norms in fp64 on the way.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from resalign_fast.ops import registry
+
+OP = "richardson_step"
+
+
+def richardson_step_ref(v: Tensor, b: Tensor, hv: Tensor, alpha: float, gamma: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Plain-torch reference (the specification; differentiable).
+
+    Args:
+        v: (N,) current iterate.
+        b: (N,) right-hand side.
+        hv: (N,) H v.
+        alpha: step size.
+        gamma: proximal weight.
+
+    Returns:
+        v_new (N,), upd_sq (), vnew_sq (): the squared norms in v's dtype (fp32 for fp16/bf16).
+    """
+    v_new = v + alpha * (b - v - gamma * hv)
+    d = v_new - v
+    acc = registry.accumulation_dtype(v.dtype)
+    return v_new, d.square().sum(dtype=acc), v_new.square().sum(dtype=acc)
+
+
+def _cpp(v: Tensor, b: Tensor, hv: Tensor, alpha: float, gamma: float) -> tuple[Tensor, Tensor, Tensor]:
+    ext, _ = registry.extension()
+    return ext.richardson_step_cpu(v, b, hv, float(alpha), float(gamma))
+
+
+def _cuda(v: Tensor, b: Tensor, hv: Tensor, alpha: float, gamma: float) -> tuple[Tensor, Tensor, Tensor]:
+    ext, _ = registry.extension()
+    return ext.richardson_step_cuda(v, b, hv, float(alpha), float(gamma))
+
+
+def _triton(v: Tensor, b: Tensor, hv: Tensor, alpha: float, gamma: float) -> tuple[Tensor, Tensor, Tensor]:
+    return registry.import_kernels("richardson_step").richardson_step_triton(v, b, hv, float(alpha), float(gamma))
+
+
+IMPLEMENTATIONS = {"cuda": _cuda, "triton": _triton, "cpp": _cpp, "torch": richardson_step_ref}
+
+
+def not_supported_reasons(backend: str, *tensors: Tensor) -> list[str]:
+    """Why `backend` cannot run richardson_step on (v, b, hv) (empty: it can)."""
+    return registry.standard_reasons(OP, backend, tensors)
+
+
+registry.register_op(OP, registry.STANDARD_BACKENDS, not_supported_reasons)
+
+
+def richardson_step(
+    v: Tensor, b: Tensor, hv: Tensor, alpha: float, gamma: float, backend: str = "auto"
+) -> tuple[Tensor, Tensor, Tensor]:
+    """v_new = v + alpha (b - v - gamma hv) with ||v_new - v||^2 and ||v_new||^2, in one pass.
+
+    Args:
+        v: (N,) current iterate; b and hv the same shape, dtype and device.
+        b: (N,) right-hand side.
+        hv: (N,) Hessian-vector product H v.
+        alpha: step size.
+        gamma: proximal weight.
+        backend: "auto" (cuda -> triton -> cpp -> torch) or one of those names.
+
+    Returns:
+        v_new (N,), upd_sq (), vnew_sq (): 0-d tensors of squared norms, in v's dtype (fp32 for
+        fp16/bf16); the fused backends accumulate them in fp64.
+
+    Raises:
+        ValueError: mismatched buffers, or a named backend that cannot run (every reason listed).
+    """
+    registry.check_buffers(OP, v=v, b=b, hv=hv)
+    name = registry.select_backend(OP, backend, v, b, hv)
+    return IMPLEMENTATIONS[name](v, b, hv, alpha, gamma)
