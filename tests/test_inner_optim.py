@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from resalign_fast.inner.optim import OptimSpec, OptState, init_state, step, step_
+from resalign_fast.inner.optim import OptimSpec, OptState, init_state, step, step_, step_ref_
 
 SPECS = [
     OptimSpec("sgd", lr=0.05),
@@ -18,6 +18,24 @@ SPECS = [
     OptimSpec("adamw", lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1),
 ]
 STEPS = 20
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DTYPES = [torch.float32, torch.float64]
+
+
+def _fused_backends(device: str) -> list[str]:
+    """Backends of resalign_fast.ops.optim_step that can run here ("auto" first), [] without it."""
+    try:
+        from resalign_fast.ops import registry
+        from resalign_fast.ops import optim_step  # noqa: F401  (registers the ops)
+    except ModuleNotFoundError:
+        return []
+    t = torch.zeros(7, device=device)
+    return ["auto"] + [b for b in ("cuda", "triton", "cpp")
+                       if not registry.not_supported_reasons("adam_step", b, t, t, t, t)
+                       and not registry.not_supported_reasons("sgd_step", b, t, t, t)]
+
+
+FUSED = [(d, b) for d in DEVICES for b in _fused_backends(d)]
 
 
 def _torch_optim(spec: OptimSpec, params: list[torch.Tensor]) -> torch.optim.Optimizer:
@@ -29,12 +47,13 @@ def _torch_optim(spec: OptimSpec, params: list[torch.Tensor]) -> torch.optim.Opt
                weight_decay=spec.weight_decay, foreach=False)
 
 
-def _problem(dtype: torch.dtype, seed: int):
-    """A small random nonlinear regression: params [W (5, 3), b (3,)], loss(params) -> scalar."""
+def _problem(dtype: torch.dtype, seed: int, device: str = "cpu"):
+    """A small random nonlinear regression: params [W (5, 3), b (3,)], loss(params) -> scalar.
+    Drawn in fp64 and then cast, so that one seed gives the same problem in every dtype."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(16, 5, generator=g, dtype=dtype)
-    y = torch.randn(16, 3, generator=g, dtype=dtype)
-    params = [torch.randn(5, 3, generator=g, dtype=dtype), torch.randn(3, generator=g, dtype=dtype)]
+    draw = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).to(device, dtype)  # noqa: E731
+    x, y = draw(16, 5), draw(16, 3)
+    params = [draw(5, 3), draw(3)]
 
     def loss(ps):
         return (torch.tanh(x @ ps[0] + ps[1]) - y).pow(2).mean()
@@ -47,31 +66,28 @@ def _grads(loss, ps):
     return list(torch.autograd.grad(loss(ps), ps))
 
 
-def _trajectory_torch(spec, params, loss):
-    ps = [p.clone().requires_grad_() for p in params]
-    opt = _torch_optim(spec, ps)
+def _trajectory(kind: str, spec, params, loss, backend: str = "auto"):
+    """Parameters after each of STEPS steps by "torch" (torch.optim), "pure" (step), "ref_"
+    (step_ref_) or "step_" (step_ with `backend`)."""
     out = []
+    if kind == "torch":
+        ps = [p.clone().requires_grad_() for p in params]
+        opt = _torch_optim(spec, ps)
+        for _ in range(STEPS):
+            opt.zero_grad()
+            loss(ps).backward()
+            opt.step()
+            out.append([p.detach().clone() for p in ps])
+        return out
+    ps = [p.clone().requires_grad_() for p in params]  # in-place updates must accept such leaves
+    state = init_state(spec, ps)
     for _ in range(STEPS):
-        opt.zero_grad()
-        loss(ps).backward()
-        opt.step()
-        out.append([p.detach().clone() for p in ps])
-    return out
-
-
-def _trajectory_pure(spec, params, loss):
-    ps, state, out = [p.clone() for p in params], init_state(spec, params), []
-    for _ in range(STEPS):
-        ps, state = step(spec, ps, _grads(loss, ps), state)
-        out.append([p.detach().clone() for p in ps])
-    return out
-
-
-def _trajectory_inplace(spec, params, loss):
-    ps = [p.clone().requires_grad_() for p in params]
-    state, out = init_state(spec, ps), []
-    for _ in range(STEPS):
-        step_(spec, ps, _grads(loss, ps), state)
+        if kind == "pure":
+            ps, state = step(spec, ps, _grads(loss, ps), state)
+        elif kind == "ref_":
+            step_ref_(spec, ps, _grads(loss, ps), state)
+        else:
+            step_(spec, ps, _grads(loss, ps), state, backend=backend)
         out.append([p.detach().clone() for p in ps])
     return out
 
@@ -85,16 +101,45 @@ def _assert_close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> None:
     assert bool((err <= bound).all()), f"max err {err.max().item():.3g}"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def _seed(spec, dtype) -> int:
+    return 2 * SPECS.index(spec) + (dtype == torch.float64)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("spec", SPECS, ids=repr)
-def test_trajectories_match_torch_optim(spec, dtype):
-    params, loss = _problem(dtype, seed=2 * SPECS.index(spec) + (dtype == torch.float64))
-    ref = _trajectory_torch(spec, params, loss)
+def test_trajectories_match_torch_optim(spec, dtype, device):
+    """step, step_ref_ and step_(backend="torch") follow torch.optim to about 1 ulp."""
+    params, loss = _problem(dtype, _seed(spec, dtype), device)
+    ref = _trajectory("torch", spec, params, loss)
     assert not torch.equal(ref[-1][0], params[0])  # the optimizer actually moved
-    for traj in (_trajectory_pure(spec, params, loss), _trajectory_inplace(spec, params, loss)):
+    runs = [_trajectory("pure", spec, params, loss), _trajectory("ref_", spec, params, loss)]
+    runs.append(_trajectory("step_", spec, params, loss, backend="torch"))
+    for traj in runs:
         for got_t, ref_t in zip(traj, ref):
             for got, want in zip(got_t, ref_t):
                 _assert_close(got, want, dtype)
+
+
+def _max_err(traj, ref) -> float:
+    return max(float((a.double() - b.double()).abs().max()) for ta, tb in zip(traj, ref) for a, b in zip(ta, tb))
+
+
+@pytest.mark.skipif(not FUSED, reason="resalign_fast.ops.optim_step is absent")
+@pytest.mark.parametrize("device, backend", FUSED or [("cpu", "auto")])
+@pytest.mark.parametrize("spec", SPECS, ids=repr)
+def test_fused_step_trajectories(spec, device, backend):
+    """step_ through the fused kernels: fp64 within 1e-12 of torch.optim; fp32 error against the
+    fp64 trajectory at most 2x torch.optim's own fp32 error (the project's fast-path rule)."""
+    params64, loss64 = _problem(torch.float64, _seed(spec, torch.float64), device)
+    ref64 = _trajectory("torch", spec, params64, loss64)
+    for got_t, ref_t in zip(_trajectory("step_", spec, params64, loss64, backend), ref64):
+        for got, want in zip(got_t, ref_t):
+            _assert_close(got, want, torch.float64)
+    params32, loss32 = _problem(torch.float32, _seed(spec, torch.float64), device)
+    err_torch = _max_err(_trajectory("torch", spec, params32, loss32), ref64)
+    err_fused = _max_err(_trajectory("step_", spec, params32, loss32, backend), ref64)
+    assert 0 < err_fused <= 2 * err_torch, (err_fused, err_torch)
 
 
 def _flat_inputs(spec, seed):
@@ -154,9 +199,9 @@ def test_step_does_not_modify_inputs(spec):
 def test_second_simulation_starts_fresh(spec):
     """Two simulations from the same start give the same (torch.optim) trajectory."""
     params, loss = _problem(torch.float64, seed=11)
-    first = _trajectory_inplace(spec, params, loss)
-    second = _trajectory_inplace(spec, params, loss)
-    ref = _trajectory_torch(spec, params, loss)
+    first = _trajectory("step_", spec, params, loss)
+    second = _trajectory("step_", spec, params, loss)
+    ref = _trajectory("torch", spec, params, loss)
     for a, b, c in zip(first[-1], second[-1], ref[-1]):
         assert torch.equal(a, b)
         _assert_close(a, c, torch.float64)

@@ -8,7 +8,7 @@ to rounding. Two entry points share one state type:
   builds an autograd graph when its inputs require grad (unrolled hypergradients differentiate it).
 - :func:`step_` updates parameters and state in place under ``no_grad``: the fast path of the
   no-graph simulation. It calls the fused kernels of ``resalign_fast.ops.optim_step`` when that
-  module is importable, and the plain-torch update otherwise.
+  module is present, and :func:`step_ref_` (the same update in plain torch) otherwise.
 
 Unlike the ResAlign reference code, state never outlives a simulation: :func:`init_state` gives a
 fresh state (step 0, zero buffers) and bias correction is applied once, as in ``torch.optim.Adam``.
@@ -232,13 +232,64 @@ def step_ref_(spec: OptimSpec, params: list[Tensor], grads: list[Tensor], state:
         p.addcdiv_(m, denom, value=-step_size)
 
 
-def step_(spec: OptimSpec, params: list[Tensor], grads: list[Tensor], state: OptState) -> None:
+def _fused_ops():
+    """resalign_fast.ops.optim_step, or None where that module is absent (plain-torch fallback)."""
+    try:
+        from resalign_fast.ops import optim_step
+    except ModuleNotFoundError as err:
+        if err.name not in ("resalign_fast.ops", "resalign_fast.ops.optim_step"):
+            raise
+        return None
+    return optim_step
+
+
+def _flat(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """1-D views when every tensor is contiguous (what the fused kernels take), else unchanged
+    (the dispatcher then refuses the kernels and runs its torch reference, which takes any shape)."""
+    if all(t is None or t.is_contiguous() for t in tensors):
+        return tuple(None if t is None else t.view(-1) for t in tensors)
+    return tensors
+
+
+def step_(spec: OptimSpec, params: list[Tensor], grads: list[Tensor], state: OptState, *,
+          backend: str = "auto") -> None:
     """One optimizer step in place under ``no_grad`` (the no-graph simulation's fast path).
+
+    Each tensor goes through ``resalign_fast.ops.optim_step`` (``adam_step`` / ``sgd_step``, fused
+    C++/CUDA/Triton kernels with a torch reference) when that module is present, and through
+    :func:`step_ref_` otherwise.
 
     Args:
         spec: The optimizer.
         params: Parameters, updated in place (leaves that require grad are allowed).
         grads: Gradients shaped like ``params``; not modified.
         state: Updated in place (``state.step`` incremented, buffers overwritten).
+        backend: Passed to the fused ops: "auto" (the first that can run each tensor) or a backend
+            name ("cuda", "triton", "cpp", "torch"), which raises if it cannot run.
+
+    Raises:
+        ValueError: mismatched inputs, or a named backend that cannot run (or no fused ops module).
     """
-    step_ref_(spec, params, grads, state)
+    ops = _fused_ops()
+    if ops is None:
+        if backend not in ("auto", "torch"):
+            raise ValueError(f"step_: backend {backend!r} needs resalign_fast.ops.optim_step, which is absent")
+        step_ref_(spec, params, grads, state)
+        return
+    _check(spec, params, grads, state)
+    t = state.step + 1
+    wd = spec.weight_decay
+    with torch.no_grad():
+        if spec.name == "sgd":
+            bufs = state.buffers.get("momentum_buffer", [None] * len(params))
+            for p, g, b in zip(params, grads, bufs):
+                p1, g1, b1 = _flat(p, g, b)
+                ops.sgd_step(p1, g1, b1, lr=spec.lr, momentum=spec.momentum, weight_decay=wd,
+                             first_step=t == 1, backend=backend)
+        else:
+            beta1, beta2 = spec.betas
+            for p, g, m, v in zip(params, grads, state.buffers["exp_avg"], state.buffers["exp_avg_sq"]):
+                p1, g1, m1, v1 = _flat(p, g, m, v)
+                ops.adam_step(p1, g1, m1, v1, step=t, lr=spec.lr, beta1=beta1, beta2=beta2, eps=spec.eps,
+                              weight_decay=wd, decoupled=spec.name == "adamw", backend=backend)
+    state.step = t
