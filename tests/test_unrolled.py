@@ -19,13 +19,13 @@ SPECS = [
 
 
 # ----------------------------------------------------------------------------- problems
-def _mlp_problem(seed: int, steps: int, dtype=F64, batch: int = 8, width: int = 5):
+def _mlp_problem(seed: int, steps: int, dtype=F64, batch: int = 8, width: int = 5, device: str = "cpu"):
     """theta = [W1 (3, width), b1 (width,), W2 (width, 2)]; a fresh batch per fine-tuning step."""
     g = torch.Generator().manual_seed(seed)
-    theta = [torch.randn(3, width, generator=g, dtype=dtype), 0.1 * torch.randn(width, generator=g, dtype=dtype),
-             torch.randn(width, 2, generator=g, dtype=dtype) / width ** 0.5]
-    xs = [torch.randn(batch, 3, generator=g, dtype=dtype) for _ in range(steps + 1)]
-    ys = [torch.randn(batch, 2, generator=g, dtype=dtype) for _ in range(steps + 1)]
+    rand = lambda *s: torch.randn(*s, generator=g, dtype=dtype).to(device)  # noqa: E731
+    theta = [rand(3, width), 0.1 * rand(width), rand(width, 2) / width ** 0.5]
+    xs = [rand(batch, 3) for _ in range(steps + 1)]
+    ys = [rand(batch, 2) for _ in range(steps + 1)]
 
     def mse(p, x, y):
         return (torch.tanh(x @ p[0] + p[1]) @ p[2] - y).pow(2).mean()
@@ -219,21 +219,28 @@ def _unet_problem(dtype=torch.float32, device="cpu", batch: int = 1, size: int =
     return theta, (lambda th, phi: -mse(phi, data[steps])), (lambda phi, t: mse(phi, data[t]))
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
 @pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")
-def test_unet_checkpointed_equals_full_fp32():
+@pytest.mark.parametrize("device", DEVICES)
+def test_unet_checkpointed_equals_full_fp32(device):
     spec, steps = OptimSpec("sgd", lr=0.1, momentum=0.9), 3
-    theta, outer, ft = _unet_problem(steps=steps)
+    theta, outer, ft = _unet_problem(steps=steps, device=device)
     # Measured on the shared 2-core CI box: oneDNN's first double backward through these tiny
     # convolutions costs about 3 s of set-up (4.2 s vs 1.3 s CPU for the first HVP), and one thread
     # halves the wall time of this test (15 s vs 30 s) because the ops are far too small to split.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    try:
-        with torch.backends.mkldnn.flags(enabled=False):
+    try:  # TF32 off: fp32 means fp32 on the GPU too
+        with torch.backends.mkldnn.flags(enabled=False), torch.backends.cudnn.flags(allow_tf32=False):
+            matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = False
             full = unrolled_hypergrad(theta, outer, ft, spec, steps, checkpoint=False)
             ckpt = unrolled_hypergrad(theta, outer, ft, spec, steps, checkpoint=True)
     finally:
         torch.set_num_threads(threads)
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
     assert all(torch.isfinite(x).all() for x in full)
     assert _rel(ckpt, full) <= 1e-5, _rel(ckpt, full)
 
@@ -294,3 +301,36 @@ def test_activation_memory_independent_of_steps():
     per_step = (full[1] - full[0]) / 2
     assert per_step > 0 and abs((full[2] - full[1]) / 4 - per_step) <= 0.05 * per_step, full
     assert full[2] > 3 * ckpt[2], (full, ckpt)
+
+
+def _cuda_peak(problem, spec, steps, checkpoint) -> int:
+    """Peak CUDA bytes allocated by one unrolled_hypergrad call above what was live before it."""
+    theta, outer, ft = problem(steps)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    unrolled_hypergrad(theta, outer, ft, spec, steps, checkpoint=checkpoint)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("model", ["mlp", "unet"])
+def test_cuda_peak_memory_growth(model):
+    """torch.cuda.max_memory_allocated: checkpointed grows only by the (phi_t, s_t) snapshots."""
+    spec, steps_list = OptimSpec("sgd", lr=0.05, momentum=0.9), (2, 4, 8)
+    if model == "mlp":
+        def problem(s):
+            return _mlp_problem(seed=2, steps=s, dtype=torch.float32, batch=4096, width=512, device="cuda")
+    else:
+        def problem(s):
+            return _unet_problem(steps=s, device="cuda", batch=8, size=16)
+    theta = problem(1)[0]
+    snapshot_bytes = 2 * sum(x.numel() * x.element_size() for x in theta)  # phi_t + momentum buffer
+    ckpt = [_cuda_peak(problem, spec, s, True) for s in steps_list]
+    full = [_cuda_peak(problem, spec, s, False) for s in steps_list]
+    print(f"\n{model}: params {snapshot_bytes // 2} B; peak bytes for steps {steps_list}: "
+          f"checkpointed {ckpt}, full {full}")
+    allowance = 1.5 * (steps_list[-1] - steps_list[0]) * snapshot_bytes + 2 ** 21
+    assert ckpt[-1] - ckpt[0] <= allowance, (ckpt, allowance)
+    assert full[-1] - full[0] > 2 * (ckpt[-1] - ckpt[0]), (full, ckpt)
