@@ -267,7 +267,9 @@ class _SavedBytes:
 
 class _Held:
     def __init__(self, meter: _SavedBytes, tensor: torch.Tensor) -> None:
-        self.meter, self.tensor = meter, tensor
+        # Keep a detached alias: holding a saved *output* itself would tie it to its own grad_fn
+        # through the node that holds this object, a C++ cycle that Python gc cannot free.
+        self.meter, self.tensor = meter, tensor.detach()
         self.key = tensor.untyped_storage().data_ptr()
         entry = meter.live.setdefault(self.key, [0, tensor.untyped_storage().nbytes()])
         if entry[0] == 0:
