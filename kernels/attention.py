@@ -44,6 +44,19 @@ def _config(d: int, dtype: torch.dtype) -> dict:
     return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, num_warps=4)
 
 
+# Only Triton builtins and this module's own jit functions are used inside the kernels: the
+# interpreter cannot run triton.language's jit helpers (tl.zeros, tl.sum, tl.max) when triton was
+# imported before TRITON_INTERPRET=1 was set (torch imports triton lazily, e.g. for torch.func).
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _max(a, b):
+    return tl.maximum(a, b)
+
+
 @triton.jit
 def _load(ptr, rows, n_rows, stride_n, cols, n_cols, stride_d):
     """(len(rows), len(cols)) tile of a row-major (n_rows, n_cols) slice; zeros outside it."""
@@ -67,17 +80,17 @@ def _fwd_kernel(
     K += b * skb + h * skh
     V += b * svb + h * svh
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    l_i = tl.zeros((BLOCK_M,), tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    l_i = tl.full((BLOCK_M,), 0.0, tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_D), 0.0, tl.float32)
     for start in range(0, NK, BLOCK_N):
         cols = start + cols0
         k = _load(K, cols, NK, skn, dims, D, skd)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # log2 units
         s = tl.where(cols[None, :] < NK, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.reduce(s, 1, _max))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + tl.reduce(p, 1, _add)
         v = _load(V, cols, NK, svn, dims, D, svd)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
@@ -103,8 +116,8 @@ def _bwd_dkdv_kernel(
     v = _load(V + b * svb + h * svh, cols, NK, svn, dims, D, svd)
     Q += b * sqb + h * sqh
     DO += b * sdb + h * sdh
-    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dk = tl.full((BLOCK_N, BLOCK_D), 0.0, tl.float32)
+    dv = tl.full((BLOCK_N, BLOCK_D), 0.0, tl.float32)
     for start in range(0, NQ, BLOCK_M):
         rows = start + rows0
         q = _load(Q, rows, NQ, sqn, dims, D, sqd)
@@ -142,7 +155,7 @@ def _bwd_dq_kernel(
     delta = tl.load(DELTA + bh * NQ + rows, mask=rows < NQ, other=0.0)
     K += b * skb + h * skh
     V += b * svb + h * svh
-    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    dq = tl.full((BLOCK_M, BLOCK_D), 0.0, tl.float32)
     for start in range(0, NK, BLOCK_N):
         cols = start + cols0
         k = _load(K, cols, NK, skn, dims, D, skd)

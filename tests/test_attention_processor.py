@@ -27,6 +27,7 @@ UNET_CONFIG = dict(
     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
 )
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # CUDA: Triton in "chunked" mode
 CHUNK = 5  # 64 and 16 query tokens: several chunks, the last one partial
 TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10)}
 FP32_REL = 1e-5
@@ -57,20 +58,21 @@ def unet64():
     return UNet2DConditionModel(**UNET_CONFIG).double().eval()
 
 
-def _inputs(dtype, seed):
+def _inputs(dtype, seed, device):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 4, 8, 8, generator=g, dtype=dtype)
     ctx = torch.randn(2, 7, 8, generator=g, dtype=dtype)
     keep = torch.ones(2, 7, dtype=dtype)
     keep[0, 4:] = 0  # cross-attention key padding mask: the UNet turns it into an additive bias
-    return x, torch.tensor([10, 500]), ctx, keep
+    target = torch.randn(2, 4, 8, 8, generator=g, dtype=dtype)
+    return [y.to(device) for y in (x, torch.tensor([10, 500]), ctx, keep, target)]
 
 
-def _models(unet64, dtype):
-    """(reference with AttnProcessor, lean) copies of the same UNet in `dtype`."""
-    ref = copy.deepcopy(unet64).to(dtype)
+def _models(unet64, dtype, device):
+    """(reference with AttnProcessor, lean) copies of the same UNet in `dtype` on `device`."""
+    ref = copy.deepcopy(unet64).to(device, dtype)
     ref.set_attn_processor(AttnProcessor())
-    lean = copy.deepcopy(unet64).to(dtype)
+    lean = copy.deepcopy(unet64).to(device, dtype)
     assert set_lean_attention(lean, chunk=CHUNK) == len(lean.attn_processors) == 8
     assert all(isinstance(p, LeanAttnProcessor) for p in lean.attn_processors.values())
     return ref, lean
@@ -88,12 +90,12 @@ def _loss_fn(model, x, t, ctx, keep, target):
     return loss
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("mode", ["fused", "chunked", "math"])
-def test_unet_outputs_and_grads_match_attnprocessor(unet64, mode, dtype):
-    ref, lean = _models(unet64, dtype)
-    x, t, ctx, keep = _inputs(dtype, seed=1)
-    target = torch.randn(2, 4, 8, 8, dtype=dtype)
+def test_unet_outputs_and_grads_match_attnprocessor(unet64, mode, dtype, device):
+    ref, lean = _models(unet64, dtype, device)
+    x, t, ctx, keep, target = _inputs(dtype, 1, device)
     results = []
     for model, m in ((ref, "math"), (lean, mode)):
         params = tuple(p.detach().requires_grad_() for p in model.parameters())
@@ -115,13 +117,13 @@ def _hvp_jvp_of_grad(loss, params, x, ctx, vec):
     return torch.func.jvp(lambda p: torch.func.grad(loss)(p, x, ctx), (params,), (vec,))[1]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("hvp", [_hvp_double_backward, _hvp_jvp_of_grad], ids=["double_backward", "jvp_of_grad"])
 @pytest.mark.parametrize("mode", ["chunked", "math"])
-def test_unet_hvp_matches_attnprocessor(unet64, mode, hvp, dtype):
-    ref, lean = _models(unet64, dtype)
-    x, t, ctx, keep = _inputs(dtype, seed=2)
-    target = torch.randn(2, 4, 8, 8, dtype=dtype)
+def test_unet_hvp_matches_attnprocessor(unet64, mode, hvp, dtype, device):
+    ref, lean = _models(unet64, dtype, device)
+    x, t, ctx, keep, target = _inputs(dtype, 2, device)
     params = tuple(p.detach() for p in ref.parameters())
     vec = tuple(torch.randn_like(p) for p in params)
     with attention_mode("math"):

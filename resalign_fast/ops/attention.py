@@ -419,5 +419,5 @@ def attention(
     if name == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
     if name == "triton":
-        return _triton_module().triton_attention(q, k, v, scale, chunk)
+        return _triton_module().attention_triton(q, k, v, scale, chunk)
     return chunked_attention(q, k, v, scale, chunk, attn_mask)

@@ -1,6 +1,10 @@
 """Attention backends against attention_ref: outputs, gradients, HVPs (both modes) and memory."""
 
+import importlib
+import importlib.util
 import os
+import pathlib
+import sys
 
 import pytest
 import torch
@@ -175,3 +179,82 @@ def test_chunked_rejects_bad_inputs():
         chunked_attention(q, k, v, chunk=0)
     with pytest.raises(ValueError, match="must not require grad"):
         chunked_attention(q, k, v, attn_mask=torch.zeros(1, 1, 4, 5, dtype=q.dtype, requires_grad=True))
+
+
+# ---- Triton kernels (TRITON_INTERPRET=1 on CPU: about 1.8 ms per program, keep sizes small) ----
+
+def _triton_module():
+    """resalign_fast.kernels.attention; in a source checkout (no `pip install -e .`) the kernels/
+    folder is registered as resalign_fast.kernels first, which is what setup.py's package_dir does."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are decorated
+    pytest.importorskip("triton")
+    try:
+        return importlib.import_module("resalign_fast.kernels.attention")
+    except ModuleNotFoundError:
+        root = pathlib.Path(__file__).resolve().parents[2] / "kernels"
+        spec = importlib.util.spec_from_file_location(
+            "resalign_fast.kernels", root / "__init__.py", submodule_search_locations=[str(root)]
+        )
+        pkg = importlib.util.module_from_spec(spec)
+        sys.modules["resalign_fast.kernels"] = pkg
+        spec.loader.exec_module(pkg)
+        return importlib.import_module("resalign_fast.kernels.attention")
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TRITON_DTYPES = [torch.float32] + ([torch.float16, torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+def _rel_err(got, want):
+    return ((got.double() - want).abs().max() / want.abs().max()).item()
+
+
+def _check_against_fp64(fast, plain, exact):
+    """fp32: relative error <= 1e-3; fp16/bf16: <= 2x plain PyTorch's error in the same dtype."""
+    for f, p, e in zip(fast, plain, exact, strict=True):
+        bound = 1e-3 if f.dtype == torch.float32 else 2 * _rel_err(p, e) + 1e-3
+        assert _rel_err(f, e) <= bound, (_rel_err(f, e), bound)
+
+
+@pytest.mark.parametrize("dtype", TRITON_DTYPES)
+@pytest.mark.parametrize("b,h,nq,nk,d", [
+    (2, 2, 37, 77, 40),  # SD cross-attention: 77 text tokens
+    (1, 1, 37, 37, 80),
+    (1, 1, 20, 33, 160),
+    (1, 1, 1000, 77, 40),
+])
+def test_triton_matches_ref(b, h, nq, nk, d, dtype):
+    kern = _triton_module()
+    g = torch.Generator().manual_seed(nq + d)
+    q, k, v = (torch.randn(b, h, n, d, generator=g).to(DEVICE) for n in (nq, nk, nk))
+    w = torch.randn(b, h, nq, d, generator=g).to(DEVICE)
+    runs = [
+        _loss_and_grads(kern.attention_triton, *(x.to(dtype) for x in (q, k, v)), w.to(dtype)),
+        _loss_and_grads(attention_ref, *(x.to(dtype) for x in (q, k, v)), w.to(dtype)),
+        _loss_and_grads(attention_ref, *(x.double() for x in (q, k, v)), w.double()),
+    ]
+    _check_against_fp64(*runs)
+
+
+@pytest.mark.parametrize("hvp", [_hvp_reverse_reverse, _hvp_func_jvp_of_grad])
+def test_triton_hvp_matches_ref(hvp):
+    kern = _triton_module()
+    q, k, v = (x.float().to(DEVICE) for x in _qkv((1, 2, 21, 40), 77, seed=6))
+    # processor layout: (B, N, H, D) projections viewed as (B, H, N, D), i.e. non-contiguous
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    t = tuple(torch.randn_like(x) for x in (q, k, v))
+    w = torch.randn_like(q)
+    got = hvp(lambda q, k, v: kern.attention_triton(q, k, v, chunk=8), q, k, v, t, w)
+    want = hvp(attention_ref, *(x.double() for x in (q, k, v)), tuple(x.double() for x in t), w.double())
+    _check_against_fp64(got, got, want)
+
+
+def test_triton_dispatch_and_refusals():
+    kern = _triton_module()
+    q, k, v = (x.float().to(DEVICE) for x in _qkv((1, 1, 9, 16), 11, seed=7))
+    torch.testing.assert_close(attention(q, k, v, backend="triton", order=2), attention_ref(q, k, v))
+    reasons = kern.not_supported_reasons(q.double(), k.double(), v[..., :8].double(), torch.zeros(9, 11))
+    assert len(reasons) == 3 and all(r.startswith("triton:") for r in reasons), reasons
+    with pytest.raises(ValueError, match="mask"):
+        attention(q, k, v, backend="triton", attn_mask=torch.zeros(9, 11, device=DEVICE))
