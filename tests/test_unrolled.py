@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from resalign_fast.hypergrad.unrolled import unrolled_hypergrad
-from resalign_fast.inner.optim import OptimSpec, init_state, step, step_
+from resalign_fast.inner.optim import OptimSpec, init_state, step_
 
 F64 = torch.float64
 SPECS = [
