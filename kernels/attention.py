@@ -11,7 +11,9 @@ Kernels -> launchers -> `AttentionImpl` -> the autograd Functions of resalign_fa
 Only the first order runs here. The double backward and forward-mode AD (HVPs) go through the
 chunked recomputation of `resalign_fast.ops.attention`, so they need no (N, N) matrix either.
 Supported: (B, H, N, D) fp16/bf16/fp32 with D <= 256 (SD v1.4 uses 40, 80, 160), any lengths,
-no mask. fp32 matmuls run in IEEE fp32 (no TF32).
+no mask. fp32 matmuls run in IEEE fp32 (no TF32), which is slow: on an H200 (B=2, H=8, N=4096,
+D=40) forward+backward took 149 ms in fp32 against 2.3 ms in bf16 (sdpa: 7.2 / 1.0 ms), so the
+dispatcher picks these kernels for fp16/bf16 only.
 """
 
 from __future__ import annotations
@@ -249,7 +251,8 @@ def not_supported_reasons(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | N
     """Why the Triton kernels cannot run these inputs (empty: they can)."""
     reasons = []
     if not q.is_cuda and not _interpreting():
-        reasons.append(f"triton: tensors are on {q.device.type}; CPU needs TRITON_INTERPRET=1 set before triton is imported")
+        reasons.append(f"triton: tensors are on {q.device.type}; CPU tensors need TRITON_INTERPRET=1 set "
+                       "before resalign_fast.kernels.attention is imported")
     if q.dim() != 4:
         reasons.append(f"triton: needs (B, H, N, D) tensors, got rank {q.dim()}")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):

@@ -119,7 +119,9 @@ def _hvp_jvp_of_grad(loss, params, x, ctx, vec):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("hvp", [_hvp_double_backward, _hvp_jvp_of_grad], ids=["double_backward", "jvp_of_grad"])
+@pytest.mark.parametrize(
+    "hvp", [_hvp_double_backward, _hvp_jvp_of_grad], ids=["double_backward", "jvp_of_grad"]
+)
 @pytest.mark.parametrize("mode", ["chunked", "math"])
 def test_unet_hvp_matches_attnprocessor(unet64, mode, hvp, dtype, device):
     ref, lean = _models(unet64, dtype, device)

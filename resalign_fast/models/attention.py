@@ -8,8 +8,8 @@ norm, group norm, cross-attention norm, q/k norms, masks, residual, output resca
 attention by the process-wide `attention_mode`:
 
     "fused"    F.scaled_dot_product_attention (xformers on CUDA when installed); first order only.
-    "chunked"  `resalign_fast.ops.attention.attention(order=2)`: Triton on CUDA, else chunked
-               attention; exact at every order, O(N * chunk) memory.
+    "chunked"  `resalign_fast.ops.attention.attention(order=2)`: Triton for fp16/bf16 on CUDA,
+               else chunked attention; exact at every order, O(N * chunk) memory.
     "math"     plain softmax(q k^T) v (`attention_ref`), as diffusers' `AttnProcessor`.
 
 The mode is a process-global setting, not thread-local, on purpose: on CUDA the autograd engine runs
@@ -144,13 +144,16 @@ class LeanAttnProcessor:
         key = attn.to_k(encoder_hidden_states)
         value = attn.to_v(encoder_hidden_states)
         head_dim = key.shape[-1] // attn.heads
-        query, key, value = (x.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value))
+        query, key, value = (
+            x.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value)
+        )
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
         hidden_states = self._attend(query, key, value, attention_mask, attn.scale)
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
         if input_ndim == 4:
@@ -160,7 +163,9 @@ class LeanAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
-def set_lean_attention(model: torch.nn.Module, chunk: int = DEFAULT_CHUNK, use_xformers: bool | None = None) -> int:
+def set_lean_attention(
+    model: torch.nn.Module, chunk: int = DEFAULT_CHUNK, use_xformers: bool | None = None
+) -> int:
     """Install one `LeanAttnProcessor` on every diffusers `Attention` module of `model`.
 
     Args:
