@@ -18,8 +18,6 @@ dispatcher picks these kernels for fp16/bf16 only.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -31,15 +29,11 @@ LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _config(d: int, dtype: torch.dtype) -> dict:
     """Block sizes: few large programs in the interpreter (about 1.8 ms per program on CPU); on GPU
     64 x 64 tiles, or 32 x 32 when a (64, BLOCK_D) fp32 tile would crowd shared memory."""
     block_d = max(16, triton.next_power_of_2(d))
-    if _interpreting():
+    if INTERPRETED:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d)
     small = block_d * (4 if dtype == torch.float32 else 2) > 256
     block = 32 if small else 64
@@ -172,6 +166,10 @@ def _bwd_dq_kernel(
     tl.store(DQ + offs, (dq * scale).to(DQ.dtype.element_ty), mask=(rows[:, None] < NQ) & (dims[None, :] < D))
 
 
+# Triton decides at decoration (this module's import) whether kernels run in its CPU interpreter.
+INTERPRETED = type(_fwd_kernel).__name__ == "InterpretedFunction"
+
+
 def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # "tf32" is ignored for fp16/bf16 inputs
 
@@ -244,13 +242,13 @@ def _impl_backward(q, k, v, out, lse, dout, mask, scale, chunk):
     return attention_bwd_triton(q, k, v, out, lse, dout, scale)
 
 
-TRITON = AttentionImpl("triton", _impl_forward, _impl_backward)
+TRITON = AttentionImpl(_impl_forward, _impl_backward)
 
 
 def not_supported_reasons(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None) -> list[str]:
     """Why the Triton kernels cannot run these inputs (empty: they can)."""
     reasons = []
-    if not q.is_cuda and not _interpreting():
+    if not q.is_cuda and not INTERPRETED:
         reasons.append(f"triton: tensors are on {q.device.type}; CPU tensors need TRITON_INTERPRET=1 set "
                        "before resalign_fast.kernels.attention is imported")
     if q.dim() != 4:

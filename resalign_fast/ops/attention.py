@@ -21,7 +21,7 @@ differentiation order the caller needs, and explains every refusal.
 
 from __future__ import annotations
 
-import importlib
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -29,12 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from resalign_fast.ops import registry
+
 # Query rows per chunk. Measured on an H200 (fp32, B=2, H=8, N=4096, D=40, one HVP by double
 # backward, benchmarks/gpu_attention.py): chunk 256: 78 ms, 717 MiB; 1024: 59 ms, 2201 MiB;
 # 4096 (one chunk): 56 ms, 8312 MiB; attention_ref: 32 ms, 11335 MiB.
 DEFAULT_CHUNK = 1024
-
-BACKENDS = ("triton", "sdpa", "chunked", "math")
 
 
 @dataclass(frozen=True)
@@ -42,12 +42,10 @@ class AttentionImpl:
     """First-order kernels behind `_Attention`; higher orders always use the chunked recomputation.
 
     Attributes:
-        name: backend name, for messages.
         forward: (q, k, v, mask, scale, chunk) -> (out (..., Nq, Dv), lse (..., Nq) fp32/fp64).
         backward: (q, k, v, out, lse, dout, mask, scale, chunk) -> (dq, dk, dv).
     """
 
-    name: str
     forward: Callable[..., tuple[Tensor, Tensor]]
     backward: Callable[..., tuple[Tensor, Tensor, Tensor]]
 
@@ -178,7 +176,7 @@ def _chunked_backward(q, k, v, out, lse, dout, mask, scale, chunk):
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
-CHUNKED = AttentionImpl("chunked", _chunked_forward, _chunked_backward)
+CHUNKED = AttentionImpl(_chunked_forward, _chunked_backward)
 
 
 class _Attention(torch.autograd.Function):
@@ -341,30 +339,49 @@ def chunked_attention(
 
 
 def _triton_module():
-    return importlib.import_module("resalign_fast.kernels.attention")
+    return registry.import_kernels("attention")
+
+
+def _reasons(order: int):
+    def reasons(backend: str, q=None, k=None, v=None, attn_mask=None) -> list[str]:
+        if backend == "sdpa" and order >= 2:
+            return ["PyTorch's fused kernels implement neither double backward nor forward-mode AD"]
+        if backend != "triton":
+            return []
+        if q is None:  # environment-only check
+            return registry.triton_reasons([], interpreter_dtypes=(torch.float32,))
+        if not q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":  # do not import the kernels
+            return [f"triton: tensors are on {q.device.type}; CPU tensors need TRITON_INTERPRET=1"]
+        try:
+            return _triton_module().not_supported_reasons(q, k, v, attn_mask)
+        except ImportError as e:
+            return [f"resalign_fast.kernels.attention cannot be imported ({e})"]
+
+    return reasons
+
+
+def _auto_skip(order: int):
+    def skip(backend: str, q=None, *tensors) -> str | None:
+        if backend == "math":
+            return "O(N^2) memory at every order: only by name"
+        if backend == "triton" and q is not None and order >= 2 and q.dtype == torch.float32:
+            return "fp32 Triton (IEEE dots) is slower than chunked: only by name"
+        return registry.skip_interpreter(backend, q, *tensors)
+
+    return skip
+
+
+# One registry entry per differentiation order ("auto" order differs, sdpa cannot do order 2).
+OPS = {1: "attention", 2: "attention_order2"}
+registry.register_op(OPS[1], ("sdpa", "chunked", "triton", "math"), _reasons(1), _auto_skip(1))
+registry.register_op(OPS[2], ("triton", "chunked", "sdpa", "math"), _reasons(2), _auto_skip(2))
 
 
 def not_supported_reasons(
     backend: str, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, order: int = 1
 ) -> list[str]:
-    """Why `backend` cannot run these inputs at differentiation order `order` (empty: it can).
-
-    Args:
-        backend: one of BACKENDS.
-        q, k, v, attn_mask: the inputs of `attention`.
-        order: 0 inference, 1 first-order reverse mode, 2 anything more (double backward,
-            forward-mode AD, jvp of a gradient).
-    """
-    if backend not in BACKENDS:
-        return [f"unknown backend {backend!r}; choose from {BACKENDS}"]
-    if backend == "sdpa" and order >= 2:
-        return ["sdpa: PyTorch's fused kernels implement neither double backward nor forward-mode AD"]
-    if backend == "triton":
-        try:
-            return _triton_module().not_supported_reasons(q, k, v, attn_mask)
-        except ImportError as e:
-            return [f"triton: resalign_fast.kernels.attention cannot be imported ({e})"]
-    return []
+    """Why `backend` cannot run `attention`'s inputs at `order` (as in `attention`); empty: it can."""
+    return registry.not_supported_reasons(OPS[min(max(order, 1), 2)], backend, q, k, v, attn_mask)
 
 
 def select_backend(
@@ -372,26 +389,13 @@ def select_backend(
 ) -> str:
     """The backend `attention` runs: the requested one, or for "auto" the first that can run.
 
-    "auto" tries sdpa (PyTorch's flash kernels, fastest at first order) then chunked for order <= 1;
-    for order >= 2, triton for fp16/bf16 CUDA tensors (never the slow interpreter), else chunked.
-    Measured on an H200 (B=2, H=8, N=4096, D=40, HVP by double backward): bf16 triton 36 ms vs
-    chunked 52 ms; fp32 triton 329 ms vs chunked 59 ms (IEEE fp32 dots get no tensor cores), hence
-    no triton for fp32. "math" is never chosen automatically (O(N^2) memory).
-
-    Raises:
-        ValueError: an explicitly requested backend cannot run; lists every reason.
+    "auto": sdpa (PyTorch's flash kernels) for order <= 1; for order >= 2 triton on fp16/bf16 CUDA
+    tensors, else chunked. H200, B=2, H=8, N=4096, D=40, one HVP by double backward: bf16 triton
+    36 ms vs chunked 52 ms, fp32 triton 329 ms vs chunked 59 ms (IEEE fp32 dots), hence no fp32
+    triton. "math" is never automatic. Raises registry.UnsupportedBackendError (a ValueError,
+    listing every reason) when a backend asked for by name cannot run.
     """
-    if backend != "auto":
-        reasons = not_supported_reasons(backend, q, k, v, attn_mask, order)
-        if reasons:
-            raise ValueError(f"attention backend {backend!r} cannot run: " + "; ".join(reasons))
-        return backend
-    half = q.dtype in (torch.float16, torch.bfloat16)
-    candidates = ("sdpa",) if order <= 1 else (("triton",) if q.is_cuda and half else ())
-    for name in candidates:
-        if not not_supported_reasons(name, q, k, v, attn_mask, order):
-            return name
-    return "chunked"
+    return registry.select_backend(OPS[min(max(order, 1), 2)], backend, q, k, v, attn_mask)
 
 
 def attention(
@@ -409,16 +413,14 @@ def attention(
     Args:
         q: (B, H, Nq, D); k: (B, H, Nk, D); v: (B, H, Nk, Dv).
         scale: score scale; None means D ** -0.5.
-        backend: "auto" or one of BACKENDS (see `select_backend`).
-        order: 0 inference, 1 first-order reverse mode, 2 double backward or forward-mode AD.
+        backend: "auto", "triton", "sdpa", "chunked" or "math" (see `select_backend`).
+        order: 0 inference, 1 first-order reverse mode, 2 anything more (double backward,
+            forward-mode AD, jvp of a gradient).
         attn_mask: additive float or boolean keep-mask broadcastable to (B, H, Nq, Nk).
         chunk: query rows per chunk for "chunked" and for the higher orders of "triton".
 
     Returns:
         (B, H, Nq, Dv).
-
-    Raises:
-        ValueError: the requested backend cannot run; the message lists every reason.
     """
     name = select_backend(q, k, v, attn_mask, order, backend)
     if name == "math":
