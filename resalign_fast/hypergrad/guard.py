@@ -126,6 +126,7 @@ def guarded_hypergrad(
     max_grad_norm: Optional[float] = 0.2,
     max_retries: int = 5,
     solver: str = "richardson",
+    pullback: Optional[Callable[[list[Tensor]], list[Tensor]]] = None,
 ) -> tuple[list[Tensor], GuardInfo]:
     """g = direct + v_K with v_K ~ (I + gamma H)^-1 b, guarded as in the reference code.
 
@@ -140,6 +141,9 @@ def guarded_hypergrad(
         max_grad_norm: reject when ||g|| exceeds it (None: no norm check).
         max_retries: how many times alpha may be halved before falling back.
         solver: "richardson", "neumann" or "cg" (cg: no retries, see the module docstring).
+        pullback: maps the solution v from the fine-tuning space (where b, H live) to the space of
+            direct, e.g. the vector-Jacobian product of theta -> merged full weights; None when the
+            two spaces coincide.
 
     Returns:
         (g, info): g a list of detached tensors shaped like direct; info a ``GuardInfo``.
@@ -154,8 +158,8 @@ def guarded_hypergrad(
         raise ValueError(f"max_retries must be >= 0, got {max_retries}")
     direct = [d.detach() for d in direct]
     b = [x.detach() for x in b]
-    if len(direct) != len(b) or any(d.shape != x.shape for d, x in zip(direct, b)):
-        raise ValueError("direct and b must be lists of tensors with the same shapes")
+    if pullback is None and (len(direct) != len(b) or any(d.shape != x.shape for d, x in zip(direct, b))):
+        raise ValueError("direct and b must be lists of tensors with the same shapes (or give pullback)")
     info = GuardInfo(direct_norm=_norm(direct), alpha_used=alpha)
     if not math.isfinite(info.direct_norm):
         raise ValueError("guarded_hypergrad: the direct gradient is not finite")
@@ -165,14 +169,15 @@ def guarded_hypergrad(
         info.alpha_used = a
         v, reason = _attempt(solver, hvp, b, a, gamma, iters, info)
         if v is not None and not reason:
-            g = [d + x.to(d.dtype) for d, x in zip(direct, v)]
+            pv = v if pullback is None else [x.detach() for x in pullback(v)]
+            g = [d + x.to(d.dtype) for d, x in zip(direct, pv)]
             gn = _norm(g)
             if not math.isfinite(gn):
                 reason = "non-finite hypergradient"
             elif max_grad_norm is not None and gn > max_grad_norm:
                 reason = f"||g|| = {gn:.4g} > max_grad_norm = {max_grad_norm:.4g}"
             else:
-                info.grad_norm, info.v_norm = gn, _norm(v)
+                info.grad_norm, info.v_norm = gn, _norm(pv)
                 return g, info
         info.reasons.append(reason)
         if attempt + 1 < tries:

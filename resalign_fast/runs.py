@@ -1,0 +1,127 @@
+"""Run management shared by the entry points: device, data, sample grids, checkpoints, export."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from resalign_fast.config import ResAlignConfig
+
+log = logging.getLogger("resalign_fast.runs")
+CKPT = "last.pt"
+
+
+class RunError(RuntimeError):
+    """A run that cannot start or continue as asked; the message says why."""
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RunError(f"device {name!r} requested but CUDA is not available")
+    return torch.device(name)
+
+
+def load_data(cfg: ResAlignConfig, model, device: torch.device) -> dict:
+    """Encoded D_harmful, D_preserve, D_FT (digits world unless folders are given), plus sample prompts."""
+    from resalign_fast.data.digits import caption, digits_world
+    from resalign_fast.data.encoded import encode_set
+    from resalign_fast.data.sets import load_image_folder
+
+    folders = {"harmful": cfg.harmful_data, "preserve": cfg.preserve_data, "ft": cfg.ft_data}
+    given = [k for k, v in folders.items() if v]
+    if given and len(given) != 3:
+        raise RunError(f"give all three of --harmful_data, --preserve_data, --ft_data (got only {given})")
+    if given:
+        sets = {k: load_image_folder(v, model.resolution, model.image_channels) for k, v in folders.items()}
+        harm_prompts = list(dict.fromkeys(sets["harmful"].prompts))[:2]
+        benign_prompts = list(dict.fromkeys(sets["preserve"].prompts))[:4]
+    else:
+        if model.resolution != 16 or model.image_channels != 1:
+            raise RunError(f"the digits world needs the digits model (16x16 greyscale); {model.source} is "
+                           f"{model.resolution}px x {model.image_channels} channels: pass --harmful_data etc.")
+        sets = digits_world(cfg.concept, model.resolution, cfg.seed)
+        harm_prompts = [caption(cfg.concept, 0), caption(cfg.concept, 1)]
+        benign_prompts = [caption(d, 0) for d in range(10) if d != cfg.concept][:4]
+    cache = Path(cfg.output_dir) / ".cache" if model.vae is not None else None
+    enc = {k: encode_set(model, s, device, cache) for k, s in sets.items()}
+    enc["_sample_prompts"] = (harm_prompts, benign_prompts)
+    return enc
+
+
+def sample_grid(cfg: ResAlignConfig, model, harm: list[str], benign: list[str], path: Path,
+                unet: Optional[torch.nn.Module] = None) -> None:
+    """One row per prompt (harmful rows first), samples_per_prompt images each, fixed seed."""
+    from resalign_fast.models.sampling import generate, image_grid, save_png
+
+    prompts = [p for p in harm + benign for _ in range(cfg.samples_per_prompt)]
+    imgs = generate(model, prompts, steps=cfg.sample_steps, guidance=cfg.guidance, seed=cfg.seed, unet=unet)
+    save_png(image_grid(imgs, nrow=cfg.samples_per_prompt), path, scale=4 if model.vae is None else 1)
+    (path.with_suffix(".txt")).write_text("\n".join(harm + benign) + "\n")
+
+
+def checkpoint_save(ckpt_dir: Path, algo, step: int) -> None:
+    """Atomically write theta, the outer optimizer state and the step (write to .tmp, then rename)."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    tmp = ckpt_dir / (CKPT + ".tmp")
+    torch.save({"step": step, "theta": [p.detach().cpu() for p in algo.theta], "opt": algo.opt.state_dict()}, tmp)
+    tmp.replace(ckpt_dir / CKPT)
+
+
+def checkpoint_load(ckpt_dir: Path, algo) -> int:
+    """Restore the last checkpoint into `algo`; returns the next outer step (0 if none)."""
+    path = ckpt_dir / CKPT
+    if not path.is_file():
+        log.warning("--resume: no checkpoint in %s, starting from step 0", ckpt_dir)
+        return 0
+    st = torch.load(path, weights_only=True, map_location="cpu")
+    if len(st["theta"]) != len(algo.theta) or any(a.shape != b.shape for a, b in zip(st["theta"], algo.theta)):
+        raise RunError(f"{path}: checkpoint does not match this configuration (different theta)")
+    with torch.no_grad():
+        for p, v in zip(algo.theta, st["theta"]):
+            p.copy_(v)
+    algo.opt.load_state_dict(st["opt"])
+    return int(st["step"])
+
+
+def truncate_metrics(path: Path, steps: int) -> None:
+    """Keep the first `steps` lines of metrics.jsonl (steps after the checkpoint are redone)."""
+    if path.is_file():
+        lines = path.read_text().splitlines(keepends=True)[:steps]
+        path.write_text("".join(lines))
+
+
+def export_run(out: Path, cfg: ResAlignConfig, model, algo) -> None:
+    """model/ (full diffusers folder with the merged UNet) and lora/ (theta's adapter, LoRA theta only).
+
+    Raises:
+        RunError: theta holds NaN/inf (never saved).
+    """
+    from diffusers import UNet2DConditionModel
+
+    from resalign_fast.models.lora import merged_state_dict
+    from resalign_fast.models.pipeline import save_model
+
+    if not all(torch.isfinite(p).all() for p in algo.theta):
+        raise RunError("theta holds NaN or inf: not exporting (the last good checkpoint is in checkpoints/)")
+    unet = model.unet
+    plain = UNet2DConditionModel.from_config(unet.config)
+    sd = merged_state_dict(unet, algo.theta if cfg.theta == "lora" else None, algo.space if cfg.theta == "lora" else None)
+    missing, unexpected = plain.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise RunError(f"export: merged state dict mismatch (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    save_model(model, out / "model", unet=plain, extra={"resalign_fast_run": str(out.name)})
+    if cfg.theta == "lora":
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        StableDiffusionPipeline.save_lora_weights(out / "lora", unet_lora_layers=layers, safe_serialization=True)
+        (out / "lora" / "adapter_config.json").write_text(json.dumps(
+            {"r": cfg.lora_rank, "lora_alpha": cfg.lora_alpha, "placement": cfg.lora_placement}, indent=2))
