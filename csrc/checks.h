@@ -2,9 +2,11 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 
 #include <initializer_list>
+#include <optional>
 #include <utility>
 
 namespace resalign {
@@ -23,6 +25,14 @@ inline void check_buffers(const char* op, std::initializer_list<std::pair<const 
                 first.first, " has ", ref.numel());
     TORCH_CHECK(t->is_contiguous(), op, ": ", name, " must be contiguous");
   }
+}
+
+// The caller's output buffer (checked like the inputs; the Python wrappers reject overlaps) or a
+// new one like `like`.
+inline at::Tensor output_like(const std::optional<at::Tensor>& out, const at::Tensor& like, const char* op) {
+  if (!out.has_value()) return at::empty_like(like);
+  check_buffers(op, {{"input", &like}, {"out", &*out}});
+  return *out;
 }
 
 }  // namespace resalign

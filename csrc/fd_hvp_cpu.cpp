@@ -1,6 +1,5 @@
 // Finite-difference HVP arithmetic on CPU: x +- eps v (one pass) and (g+ - g-) / (2 eps).
 #include <ATen/Dispatch.h>
-#include <ATen/ops/empty_like.h>
 
 #include "checks.h"
 #include "cpu_loop.h"
@@ -8,11 +7,12 @@
 
 namespace resalign {
 
-TensorPair fd_perturb_cpu(const Tensor& x, const Tensor& v, double eps) {
+TensorPair fd_perturb_cpu(const Tensor& x, const Tensor& v, double eps, std::optional<Tensor> out_plus,
+                          std::optional<Tensor> out_minus) {
   check_buffers("fd_perturb_cpu", {{"x", &x}, {"v", &v}});
   TORCH_CHECK(x.device().is_cpu(), "fd_perturb_cpu: tensors must be on the CPU");
-  Tensor plus = at::empty_like(x);
-  Tensor minus = at::empty_like(x);
+  Tensor plus = output_like(out_plus, x, "fd_perturb_cpu");
+  Tensor minus = output_like(out_minus, x, "fd_perturb_cpu");
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fd_perturb_cpu", [&] {
     const scalar_t* __restrict__ px = x.const_data_ptr<scalar_t>();
     const scalar_t* __restrict__ pv = v.const_data_ptr<scalar_t>();
@@ -30,10 +30,10 @@ TensorPair fd_perturb_cpu(const Tensor& x, const Tensor& v, double eps) {
   return {plus, minus};
 }
 
-Tensor fd_combine_cpu(const Tensor& g_plus, const Tensor& g_minus, double eps) {
+Tensor fd_combine_cpu(const Tensor& g_plus, const Tensor& g_minus, double eps, std::optional<Tensor> out) {
   check_buffers("fd_combine_cpu", {{"g_plus", &g_plus}, {"g_minus", &g_minus}});
   TORCH_CHECK(g_plus.device().is_cpu(), "fd_combine_cpu: tensors must be on the CPU");
-  Tensor hv = at::empty_like(g_plus);
+  Tensor hv = output_like(out, g_plus, "fd_combine_cpu");
   AT_DISPATCH_FLOATING_TYPES(g_plus.scalar_type(), "fd_combine_cpu", [&] {
     const scalar_t* __restrict__ pp = g_plus.const_data_ptr<scalar_t>();
     const scalar_t* __restrict__ pm = g_minus.const_data_ptr<scalar_t>();

@@ -1,7 +1,6 @@
 // Finite-difference HVP arithmetic on CUDA: x +- eps v (one pass) and (g+ - g-) / (2 eps).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/ops/empty_like.h>
 
 #include "checks.h"
 #include "cuda_launch.cuh"
@@ -35,12 +34,13 @@ __global__ void fd_combine_kernel(const T* __restrict__ gp, const T* __restrict_
 
 }  // namespace
 
-TensorPair fd_perturb_cuda(const Tensor& x, const Tensor& v, double eps) {
+TensorPair fd_perturb_cuda(const Tensor& x, const Tensor& v, double eps, std::optional<Tensor> out_plus,
+                          std::optional<Tensor> out_minus) {
   check_buffers("fd_perturb_cuda", {{"x", &x}, {"v", &v}});
   TORCH_CHECK(x.is_cuda(), "fd_perturb_cuda: tensors must be on a CUDA device");
   const c10::cuda::CUDAGuard guard(x.device());
-  Tensor plus = at::empty_like(x);
-  Tensor minus = at::empty_like(x);
+  Tensor plus = output_like(out_plus, x, "fd_perturb_cuda");
+  Tensor minus = output_like(out_minus, x, "fd_perturb_cuda");
   const int64_t n = x.numel();
   if (n == 0) return {plus, minus};
   const int blocks = grid_blocks(n, x.get_device());
@@ -53,11 +53,11 @@ TensorPair fd_perturb_cuda(const Tensor& x, const Tensor& v, double eps) {
   return {plus, minus};
 }
 
-Tensor fd_combine_cuda(const Tensor& g_plus, const Tensor& g_minus, double eps) {
+Tensor fd_combine_cuda(const Tensor& g_plus, const Tensor& g_minus, double eps, std::optional<Tensor> out) {
   check_buffers("fd_combine_cuda", {{"g_plus", &g_plus}, {"g_minus", &g_minus}});
   TORCH_CHECK(g_plus.is_cuda(), "fd_combine_cuda: tensors must be on a CUDA device");
   const c10::cuda::CUDAGuard guard(g_plus.device());
-  Tensor hv = at::empty_like(g_plus);
+  Tensor hv = output_like(out, g_plus, "fd_combine_cuda");
   const int64_t n = g_plus.numel();
   if (n == 0) return hv;
   const int blocks = grid_blocks(n, g_plus.get_device());

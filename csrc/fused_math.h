@@ -70,24 +70,39 @@ struct AdamScalars {
   bool decoupled;
 };
 
+enum class WeightDecay { kNone, kL2, kDecoupled };
+
 // torch.optim.Adam / AdamW (_single_tensor_adam, no amsgrad) for one element, in two halves
 // around the square root of the new exp_avg_sq (the CPU kernels take that from torch's own sqrt,
 // which is not correctly rounded on MKL builds). First half: weight decay and both moments.
-template <bool kFma, typename T>
+// kSmallWeight: |1 - beta1| < 0.5, which selects torch's lerp formula. Compile-time switches keep
+// the CPU loops free of branches (vectorized).
+template <bool kFma, WeightDecay kWd, bool kSmallWeight, typename T>
 C10_HOST_DEVICE C10_ALWAYS_INLINE void adam_moments(T& p, T g, T& m, T& v, const AdamScalars<T>& s) {
-  if (s.has_weight_decay) {
-    if (s.decoupled) {
-      p = p * s.decay;                        // param.mul_(1 - lr * wd)
-    } else {
-      g = madd<kFma>(s.weight_decay, p, g);   // grad.add(param, alpha=wd)
-    }
+  if constexpr (kWd == WeightDecay::kDecoupled) {
+    p = p * s.decay;                        // param.mul_(1 - lr * wd)
+  } else if constexpr (kWd == WeightDecay::kL2) {
+    g = madd<kFma>(s.weight_decay, p, g);   // grad.add(param, alpha=wd)
   }
   // exp_avg.lerp_(grad, w): torch's lerp, start + w (end - start) or end + (w - 1) (end - start)
   const T diff = g - m;
-  const T w = s.lerp_weight;
-  m = (w < T(0.5) && w > T(-0.5)) ? madd<kFma>(w, diff, m) : madd<kFma>(w - T(1), diff, g);
+  if constexpr (kSmallWeight) {
+    m = madd<kFma>(s.lerp_weight, diff, m);
+  } else {
+    m = madd<kFma>(s.lerp_weight - T(1), diff, g);
+  }
   // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
   v = madd<kFma>(s.one_minus_beta2 * g, g, v * s.beta2);
+}
+
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE WeightDecay weight_decay_mode(const AdamScalars<T>& s) {
+  return !s.has_weight_decay ? WeightDecay::kNone : (s.decoupled ? WeightDecay::kDecoupled : WeightDecay::kL2);
+}
+
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE bool small_lerp_weight(const AdamScalars<T>& s) {
+  return s.lerp_weight < T(0.5) && s.lerp_weight > T(-0.5);  // torch's is_lerp_weight_small
 }
 
 // Second half: denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps);

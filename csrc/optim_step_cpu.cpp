@@ -35,16 +35,47 @@ RESALIGN_TARGET_FMA void sgd_range_fma_isa(T* p, const T* g, T* buf, int64_t lo,
   sgd_range<true>(p, g, buf, lo, hi, s);
 }
 
-template <bool kFma, typename T>
+template <bool kFma, WeightDecay kWd, bool kSmall, typename T>
 C10_ALWAYS_INLINE void adam_moments_range(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ m,
                                           T* __restrict__ v, int64_t lo, int64_t hi, const AdamScalars<T>& s) {
-  for (int64_t i = lo; i < hi; ++i) adam_moments<kFma>(p[i], g[i], m[i], v[i], s);
+  for (int64_t i = lo; i < hi; ++i) adam_moments<kFma, kWd, kSmall>(p[i], g[i], m[i], v[i], s);
+}
+
+template <WeightDecay kWd, bool kSmall, typename T>
+RESALIGN_TARGET_FMA void adam_moments_range_fma_isa(T* p, const T* g, T* m, T* v, int64_t lo, int64_t hi,
+                                                    const AdamScalars<T>& s) {
+  adam_moments_range<true, kWd, kSmall>(p, g, m, v, lo, hi, s);
+}
+
+template <WeightDecay kWd, bool kSmall, typename T>
+void adam_moments_dispatch_fma(T* p, const T* g, T* m, T* v, int64_t lo, int64_t hi, const AdamScalars<T>& s,
+                               bool use_fma) {
+  if (!use_fma) {
+    adam_moments_range<false, kWd, kSmall>(p, g, m, v, lo, hi, s);
+  } else if (cpu_has_fma()) {
+    adam_moments_range_fma_isa<kWd, kSmall>(p, g, m, v, lo, hi, s);
+  } else {
+    adam_moments_range<true, kWd, kSmall>(p, g, m, v, lo, hi, s);  // software fma(): exact, slower
+  }
+}
+
+template <bool kSmall, typename T>
+void adam_moments_dispatch(T* p, const T* g, T* m, T* v, int64_t lo, int64_t hi, const AdamScalars<T>& s,
+                           bool use_fma) {
+  switch (weight_decay_mode(s)) {
+    case WeightDecay::kNone:
+      return adam_moments_dispatch_fma<WeightDecay::kNone, kSmall>(p, g, m, v, lo, hi, s, use_fma);
+    case WeightDecay::kL2:
+      return adam_moments_dispatch_fma<WeightDecay::kL2, kSmall>(p, g, m, v, lo, hi, s, use_fma);
+    case WeightDecay::kDecoupled:
+      return adam_moments_dispatch_fma<WeightDecay::kDecoupled, kSmall>(p, g, m, v, lo, hi, s, use_fma);
+  }
 }
 
 template <typename T>
-RESALIGN_TARGET_FMA void adam_moments_range_fma_isa(T* p, const T* g, T* m, T* v, int64_t lo, int64_t hi,
-                                                    const AdamScalars<T>& s) {
-  adam_moments_range<true>(p, g, m, v, lo, hi, s);
+void adam_update_range(T* __restrict__ p, const T* __restrict__ m, const T* __restrict__ root, int64_t n,
+                       const AdamScalars<T>& s) {
+  for (int64_t i = 0; i < n; ++i) p[i] = adam_update(p[i], m[i], root[i], s);
 }
 
 // One chunk: fused moment updates, torch's sqrt of the chunk of exp_avg_sq (cache-resident; the
@@ -53,20 +84,17 @@ RESALIGN_TARGET_FMA void adam_moments_range_fma_isa(T* p, const T* g, T* m, T* v
 template <typename T>
 void adam_chunk(T* p, const T* g, T* m, T* v, int64_t lo, int64_t hi, const AdamScalars<T>& s,
                 bool use_fma, const at::TensorOptions& options) {
-  if (!use_fma) {
-    adam_moments_range<false>(p, g, m, v, lo, hi, s);
-  } else if (cpu_has_fma()) {
-    adam_moments_range_fma_isa(p, g, m, v, lo, hi, s);
+  if (small_lerp_weight(s)) {
+    adam_moments_dispatch<true>(p, g, m, v, lo, hi, s, use_fma);
   } else {
-    adam_moments_range<true>(p, g, m, v, lo, hi, s);  // software fma(): exact, slower
+    adam_moments_dispatch<false>(p, g, m, v, lo, hi, s, use_fma);
   }
   thread_local std::vector<T> root;
   root.resize(kChunk);
   const int64_t len = hi - lo;
   at::Tensor root_t = at::from_blob(root.data(), {len}, options);
   at::sqrt_out(root_t, at::from_blob(v + lo, {len}, options));
-  const T* r = root.data() - lo;
-  for (int64_t i = lo; i < hi; ++i) p[i] = adam_update(p[i], m[i], r[i], s);
+  adam_update_range(p + lo, m + lo, root.data(), len, s);
 }
 
 }  // namespace

@@ -32,7 +32,18 @@ __global__ void adam_kernel(T* __restrict__ p, const T* __restrict__ g, T* __res
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
     acc_t pi = static_cast<acc_t>(p[i]), mi = static_cast<acc_t>(m[i]), vi = static_cast<acc_t>(v[i]);
-    adam_moments<true>(pi, static_cast<acc_t>(g[i]), mi, vi, s);
+    const acc_t gi = static_cast<acc_t>(g[i]);
+    // Uniform branches (same for every thread): one kernel instead of six instantiations.
+    const WeightDecay wd = weight_decay_mode(s);
+    if (small_lerp_weight(s)) {
+      if (wd == WeightDecay::kNone) adam_moments<true, WeightDecay::kNone, true>(pi, gi, mi, vi, s);
+      else if (wd == WeightDecay::kL2) adam_moments<true, WeightDecay::kL2, true>(pi, gi, mi, vi, s);
+      else adam_moments<true, WeightDecay::kDecoupled, true>(pi, gi, mi, vi, s);
+    } else {
+      if (wd == WeightDecay::kNone) adam_moments<true, WeightDecay::kNone, false>(pi, gi, mi, vi, s);
+      else if (wd == WeightDecay::kL2) adam_moments<true, WeightDecay::kL2, false>(pi, gi, mi, vi, s);
+      else adam_moments<true, WeightDecay::kDecoupled, false>(pi, gi, mi, vi, s);
+    }
     pi = adam_update(pi, mi, sqrt(vi), s);  // sqrt: correctly rounded (nvcc -prec-sqrt=true)
     p[i] = static_cast<T>(pi);
     m[i] = static_cast<T>(mi);

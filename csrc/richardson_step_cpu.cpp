@@ -1,7 +1,6 @@
 // richardson_step on CPU: v_new = v + alpha (b - v - gamma hv) and the two squared norms, one pass.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 
 #include <vector>
 
@@ -52,11 +51,11 @@ void richardson_range(const T* __restrict__ v, const T* __restrict__ b, const T*
 }  // namespace
 
 TensorTriple richardson_step_cpu(const Tensor& v, const Tensor& b, const Tensor& hv, double alpha,
-                                 double gamma) {
+                                 double gamma, std::optional<Tensor> out_buf) {
   check_buffers("richardson_step_cpu", {{"v", &v}, {"b", &b}, {"hv", &hv}});
   TORCH_CHECK(v.device().is_cpu(), "richardson_step_cpu: tensors must be on the CPU");
   const int64_t n = v.numel();
-  Tensor out = at::empty_like(v);
+  Tensor out = output_like(out_buf, v, "richardson_step_cpu");
   Tensor norms = at::empty({2}, v.options());
   std::vector<double> parts(2 * num_chunks(n), 0.0);
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "richardson_step_cpu", [&] {

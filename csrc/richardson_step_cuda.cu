@@ -3,7 +3,6 @@
 // partials in a fixed order, so the result does not depend on scheduling.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <ATen/OpMathType.h>
 
 #include "checks.h"
@@ -71,14 +70,14 @@ __global__ void finish_norms_kernel(const double* __restrict__ parts, int nparts
 }  // namespace
 
 TensorTriple richardson_step_cuda(const Tensor& v, const Tensor& b, const Tensor& hv, double alpha,
-                                  double gamma) {
+                                 double gamma, std::optional<Tensor> out_buf) {
   check_buffers("richardson_step_cuda", {{"v", &v}, {"b", &b}, {"hv", &hv}});
   TORCH_CHECK(v.is_cuda(), "richardson_step_cuda: tensors must be on a CUDA device");
   const c10::cuda::CUDAGuard guard(v.device());
   const int64_t n = v.numel();
   const int blocks = grid_blocks(n, v.get_device());
   auto stream = c10::cuda::getCurrentCUDAStream();
-  Tensor out = at::empty_like(v);
+  Tensor out = output_like(out_buf, v, "richardson_step_cuda");
   // Norms in the input dtype, fp32 for half types (as the reference).
   const bool half = v.scalar_type() == at::kHalf || v.scalar_type() == at::kBFloat16;
   Tensor norms = at::empty({2}, v.options().dtype(half ? at::kFloat : v.scalar_type()));

@@ -32,10 +32,11 @@ def _richardson_kernel(v_ptr, b_ptr, hv_ptr, out_ptr, parts_ptr, n, alpha: "fp64
 
 
 def richardson_step_triton(v: torch.Tensor, b: torch.Tensor, hv: torch.Tensor, alpha: float,
-                           gamma: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """v_new (N,), ||v_new - v||^2 (), ||v_new||^2 () for contiguous (N,) buffers of one dtype."""
+                           gamma: float, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """v_new (N,), ||v_new - v||^2 (), ||v_new||^2 () for contiguous (N,) buffers of one dtype;
+    v_new goes to `out` when given."""
     n = v.numel()
-    out = torch.empty_like(v)
+    out = torch.empty_like(v) if out is None else out
     (programs,) = grid(n, BLOCK)
     parts = torch.empty(2 * programs, dtype=torch.float64, device=v.device)
     _richardson_kernel[(programs,)](v, b, hv, out, parts, n, alpha, gamma, COMPUTE=compute_dtype(v.dtype),

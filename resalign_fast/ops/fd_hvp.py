@@ -8,38 +8,44 @@ gradients into H v in one pass. The gradients themselves come from ordinary firs
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from resalign_fast.ops import registry
 
 
-def fd_perturb_ref(x: Tensor, v: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+def fd_perturb_ref(
+    x: Tensor, v: Tensor, eps: float, *, out: tuple[Tensor, Tensor] | None = None
+) -> tuple[Tensor, Tensor]:
     """Plain-torch reference: (x + eps v, x - eps v), with eps * v rounded once and shared.
 
     Args:
         x: (N,) point.
         v: (N,) direction.
         eps: step.
+        out: optional (x_plus, x_minus) buffers.
 
     Returns:
         x_plus (N,), x_minus (N,).
     """
+    plus, minus = out if out is not None else (None, None)
     t = eps * v
-    return x + t, x - t
+    return torch.add(x, t, out=plus), torch.sub(x, t, out=minus)
 
 
-def fd_combine_ref(g_plus: Tensor, g_minus: Tensor, eps: float) -> Tensor:
+def fd_combine_ref(g_plus: Tensor, g_minus: Tensor, eps: float, *, out: Tensor | None = None) -> Tensor:
     """Plain-torch reference: (g_plus - g_minus) / (2 eps).
 
     Args:
         g_plus: (N,) gradient at x + eps v.
         g_minus: (N,) gradient at x - eps v.
         eps: the step used by fd_perturb.
+        out: optional (N,) buffer for hv.
 
     Returns:
         hv (N,).
     """
-    return (g_plus - g_minus) / (2.0 * eps)
+    return torch.div(g_plus - g_minus, 2.0 * eps, out=out)
 
 
 def _ext():
@@ -50,17 +56,18 @@ def _kernels():
     return registry.import_kernels("fd_hvp")
 
 
+# backend -> fn(x, v, eps, out_plus, out_minus) and fn(g_plus, g_minus, eps, out)
 PERTURB = {
-    "cuda": lambda x, v, eps: _ext().fd_perturb_cuda(x, v, float(eps)),
-    "triton": lambda x, v, eps: _kernels().fd_perturb_triton(x, v, float(eps)),
-    "cpp": lambda x, v, eps: _ext().fd_perturb_cpu(x, v, float(eps)),
-    "torch": fd_perturb_ref,
+    "cuda": lambda x, v, eps, op, om: _ext().fd_perturb_cuda(x, v, eps, op, om),
+    "triton": lambda x, v, eps, op, om: _kernels().fd_perturb_triton(x, v, eps, op, om),
+    "cpp": lambda x, v, eps, op, om: _ext().fd_perturb_cpu(x, v, eps, op, om),
+    "torch": lambda x, v, eps, op, om: fd_perturb_ref(x, v, eps, out=None if op is None else (op, om)),
 }
 COMBINE = {
-    "cuda": lambda gp, gm, eps: _ext().fd_combine_cuda(gp, gm, float(eps)),
-    "triton": lambda gp, gm, eps: _kernels().fd_combine_triton(gp, gm, float(eps)),
-    "cpp": lambda gp, gm, eps: _ext().fd_combine_cpu(gp, gm, float(eps)),
-    "torch": fd_combine_ref,
+    "cuda": lambda gp, gm, eps, out: _ext().fd_combine_cuda(gp, gm, eps, out),
+    "triton": lambda gp, gm, eps, out: _kernels().fd_combine_triton(gp, gm, eps, out),
+    "cpp": lambda gp, gm, eps, out: _ext().fd_combine_cpu(gp, gm, eps, out),
+    "torch": lambda gp, gm, eps, out: fd_combine_ref(gp, gm, eps, out=out),
 }
 
 
@@ -74,8 +81,8 @@ def fd_combine_not_supported_reasons(backend: str, *tensors: Tensor) -> list[str
     return registry.standard_reasons("fd_combine", backend, tensors)
 
 
-registry.register_op("fd_perturb", registry.STANDARD_BACKENDS, fd_perturb_not_supported_reasons)
-registry.register_op("fd_combine", registry.STANDARD_BACKENDS, fd_combine_not_supported_reasons)
+registry.register_op("fd_perturb", registry.STANDARD_BACKENDS, fd_perturb_not_supported_reasons, registry.skip_interpreter)
+registry.register_op("fd_combine", registry.STANDARD_BACKENDS, fd_combine_not_supported_reasons, registry.skip_interpreter)
 
 
 def _check_eps(op: str, eps: float) -> None:
@@ -83,7 +90,9 @@ def _check_eps(op: str, eps: float) -> None:
         raise ValueError(f"{op}: eps must be > 0, got {eps}")
 
 
-def fd_perturb(x: Tensor, v: Tensor, eps: float, backend: str = "auto") -> tuple[Tensor, Tensor]:
+def fd_perturb(
+    x: Tensor, v: Tensor, eps: float, backend: str = "auto", *, out: tuple[Tensor, Tensor] | None = None
+) -> tuple[Tensor, Tensor]:
     """(x + eps v, x - eps v) in one pass.
 
     Args:
@@ -91,6 +100,8 @@ def fd_perturb(x: Tensor, v: Tensor, eps: float, backend: str = "auto") -> tuple
         v: (N,) direction.
         eps: step, > 0.
         backend: "auto" (cuda -> triton -> cpp -> torch) or one of those names.
+        out: optional (x_plus, x_minus) buffers, overlapping no input (reused buffers save the
+            allocation, which on CPU costs more than the arithmetic).
 
     Returns:
         x_plus (N,), x_minus (N,).
@@ -100,10 +111,15 @@ def fd_perturb(x: Tensor, v: Tensor, eps: float, backend: str = "auto") -> tuple
     """
     registry.check_buffers("fd_perturb", x=x, v=v)
     _check_eps("fd_perturb", eps)
-    return PERTURB[registry.select_backend("fd_perturb", backend, x, v)](x, v, eps)
+    out_plus, out_minus = out if out is not None else (None, None)
+    registry.check_outputs("fd_perturb", x, (x, v), x_plus=out_plus, x_minus=out_minus)
+    name = registry.select_backend("fd_perturb", backend, x, v, out_plus, out_minus)
+    return PERTURB[name](x, v, float(eps), out_plus, out_minus)
 
 
-def fd_combine(g_plus: Tensor, g_minus: Tensor, eps: float, backend: str = "auto") -> Tensor:
+def fd_combine(
+    g_plus: Tensor, g_minus: Tensor, eps: float, backend: str = "auto", *, out: Tensor | None = None
+) -> Tensor:
     """hv = (g_plus - g_minus) / (2 eps) in one pass.
 
     Args:
@@ -111,6 +127,7 @@ def fd_combine(g_plus: Tensor, g_minus: Tensor, eps: float, backend: str = "auto
         g_minus: (N,) gradient at x - eps v.
         eps: the step used by fd_perturb, > 0.
         backend: "auto" (cuda -> triton -> cpp -> torch) or one of those names.
+        out: optional (N,) buffer for hv, overlapping no input.
 
     Returns:
         hv (N,).
@@ -120,4 +137,6 @@ def fd_combine(g_plus: Tensor, g_minus: Tensor, eps: float, backend: str = "auto
     """
     registry.check_buffers("fd_combine", g_plus=g_plus, g_minus=g_minus)
     _check_eps("fd_combine", eps)
-    return COMBINE[registry.select_backend("fd_combine", backend, g_plus, g_minus)](g_plus, g_minus, eps)
+    registry.check_outputs("fd_combine", g_plus, (g_plus, g_minus), out=out)
+    name = registry.select_backend("fd_combine", backend, g_plus, g_minus, out)
+    return COMBINE[name](g_plus, g_minus, float(eps), out)

@@ -136,8 +136,8 @@ def adam_not_supported_reasons(backend: str, *tensors: Tensor) -> list[str]:
     return registry.standard_reasons("adam_step", backend, tensors, allow_grad=True)
 
 
-registry.register_op("sgd_step", registry.STANDARD_BACKENDS, sgd_not_supported_reasons)
-registry.register_op("adam_step", registry.STANDARD_BACKENDS, adam_not_supported_reasons)
+registry.register_op("sgd_step", registry.STANDARD_BACKENDS, sgd_not_supported_reasons, registry.skip_interpreter)
+registry.register_op("adam_step", registry.STANDARD_BACKENDS, adam_not_supported_reasons, registry.skip_interpreter)
 
 
 def sgd_step(

@@ -20,7 +20,10 @@ Every fused op registers itself here once, at import of its module, with the bac
 
 `select_backend` walks the backends in order for "auto" and takes the first that has no reason
 against the inputs; a backend asked for by name that cannot run raises `UnsupportedBackendError`,
-whose message lists every reason. The helpers below (`extension`, `triton_reasons`,
+whose message lists every reason. An op may also pass `auto_skip(backend, *tensors) -> str | None`:
+a backend that can run but that `auto` should not pick (the built-in ops use `skip_interpreter`:
+the Triton interpreter is a debugging aid, ~1.8 ms per program, and TRITON_INTERPRET=1 set by one
+test would otherwise reroute every later CPU call through it). The helpers below (`extension`, `triton_reasons`,
 `tensor_reasons`, `import_kernels`) are the checks the built-in ops share; use them or not.
 
 The built-in fused ops use the backends `STANDARD_BACKENDS` ("cuda", "triton", "cpp", "torch").
@@ -59,30 +62,39 @@ class OpEntry:
         name: op name, e.g. "richardson_step".
         backends: backend names in `auto` order.
         not_supported_reasons: `(backend, *tensors) -> list[str]`, empty when it can run.
+        auto_skip: optional `(backend, *tensors) -> str | None`, why `auto` passes over a backend
+            that can run.
     """
 
     name: str
     backends: tuple[str, ...]
     not_supported_reasons: ReasonsFn
+    auto_skip: Callable[..., str | None] | None = None
 
 
 _OPS: dict[str, OpEntry] = {}
 
 
-def register_op(name: str, backends: Sequence[str], not_supported_reasons: ReasonsFn) -> OpEntry:
+def register_op(
+    name: str,
+    backends: Sequence[str],
+    not_supported_reasons: ReasonsFn,
+    auto_skip: Callable[..., str | None] | None = None,
+) -> OpEntry:
     """Registers (or re-registers, e.g. on module reload) an op.
 
     Args:
         name: op name.
         backends: backend names in `auto` order, most preferred first.
         not_supported_reasons: `(backend, *tensors) -> list[str]`; see the module docstring.
+        auto_skip: optional `(backend, *tensors) -> str | None`; see the module docstring.
 
     Returns:
         The registry entry.
     """
     if not backends:
         raise ValueError(f"op {name!r} registers no backend")
-    entry = OpEntry(name, tuple(backends), not_supported_reasons)
+    entry = OpEntry(name, tuple(backends), not_supported_reasons, auto_skip)
     _OPS[name] = entry
     return entry
 
@@ -142,10 +154,11 @@ def select_backend(op: str, backend: str, *tensors: Tensor) -> str:
         return backend
     refused = []
     for name in entry.backends:
-        reasons = entry.not_supported_reasons(name, *tensors)
-        if not reasons:
+        reasons = list(entry.not_supported_reasons(name, *tensors))
+        skip = entry.auto_skip(name, *tensors) if entry.auto_skip is not None and not reasons else None
+        if not reasons and skip is None:
             return name
-        refused.append(f"{name}: " + "; ".join(reasons))
+        refused.append(f"{name}: " + "; ".join(reasons or [skip]))
     raise UnsupportedBackendError(f"{op}: no backend can run these inputs: " + " | ".join(refused))
 
 
@@ -185,6 +198,8 @@ def extension_reasons(symbol: str) -> list[str]:
         return [str(error)]
     if not hasattr(ext, symbol):
         variant = ext.build_info().get("variant", "?")
+        if variant == "cpu" and symbol.endswith("_cuda"):
+            return ["resalign_fast._C is the CPU-only build (no CUDA kernels)"]
         return [f"resalign_fast._C ({variant} build) has no {symbol}"]
     return []
 
@@ -298,6 +313,33 @@ def check_buffers(op: str, **buffers: Tensor | None) -> None:
                 f"{op}: {name} is {tuple(t.shape)} {t.dtype} on {t.device}, but {first_name} is "
                 f"{tuple(first.shape)} {first.dtype} on {first.device}"
             )
+
+
+def skip_interpreter(backend: str, *tensors: Tensor) -> str | None:
+    """`auto_skip` of the built-in ops: `auto` never sends CPU tensors to the Triton interpreter."""
+    if backend == "triton" and any(t is not None and t.device.type == "cpu" for t in tensors):
+        return "the Triton interpreter runs only when asked for by name (backend='triton')"
+    return None
+
+
+def check_outputs(op: str, like: Tensor, inputs: Sequence[Tensor], **outs: Tensor | None) -> None:
+    """Raises ValueError unless each given output buffer matches `like` and overlaps no input.
+
+    Args:
+        op: op name, for the message.
+        like: a tensor the outputs must match in shape, dtype and device.
+        inputs: the op's input tensors.
+        **outs: name -> output buffer; None entries are skipped.
+    """
+    given = {name: t for name, t in outs.items() if t is not None}
+    check_buffers(op, like=like, **given)
+    spans = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in inputs]
+    taken = []
+    for name, t in given.items():
+        lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+        if any(lo < b and a < hi for a, b in spans + taken) and hi > lo:
+            raise ValueError(f"{op}: {name} overlaps an input or another output")
+        taken.append((lo, hi))
 
 
 def interpreter_active() -> bool:

@@ -10,6 +10,7 @@ and write v_new once, accumulating both norms in fp64 on the way.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from resalign_fast.ops import registry
@@ -17,8 +18,10 @@ from resalign_fast.ops import registry
 OP = "richardson_step"
 
 
-def richardson_step_ref(v: Tensor, b: Tensor, hv: Tensor, alpha: float, gamma: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Plain-torch reference (the specification; differentiable).
+def richardson_step_ref(
+    v: Tensor, b: Tensor, hv: Tensor, alpha: float, gamma: float, *, out: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Plain-torch reference (the specification; differentiable when out is None).
 
     Args:
         v: (N,) current iterate.
@@ -26,31 +29,25 @@ def richardson_step_ref(v: Tensor, b: Tensor, hv: Tensor, alpha: float, gamma: f
         hv: (N,) H v.
         alpha: step size.
         gamma: proximal weight.
+        out: optional (N,) buffer for v_new.
 
     Returns:
         v_new (N,), upd_sq (), vnew_sq (): the squared norms in v's dtype (fp32 for fp16/bf16).
     """
-    v_new = v + alpha * (b - v - gamma * hv)
+    v_new = torch.add(v, alpha * (b - v - gamma * hv), out=out)
     d = v_new - v
     acc = registry.accumulation_dtype(v.dtype)
     return v_new, d.square().sum(dtype=acc), v_new.square().sum(dtype=acc)
 
 
-def _cpp(v: Tensor, b: Tensor, hv: Tensor, alpha: float, gamma: float) -> tuple[Tensor, Tensor, Tensor]:
-    ext, _ = registry.extension()
-    return ext.richardson_step_cpu(v, b, hv, float(alpha), float(gamma))
-
-
-def _cuda(v: Tensor, b: Tensor, hv: Tensor, alpha: float, gamma: float) -> tuple[Tensor, Tensor, Tensor]:
-    ext, _ = registry.extension()
-    return ext.richardson_step_cuda(v, b, hv, float(alpha), float(gamma))
-
-
-def _triton(v: Tensor, b: Tensor, hv: Tensor, alpha: float, gamma: float) -> tuple[Tensor, Tensor, Tensor]:
-    return registry.import_kernels("richardson_step").richardson_step_triton(v, b, hv, float(alpha), float(gamma))
-
-
-IMPLEMENTATIONS = {"cuda": _cuda, "triton": _triton, "cpp": _cpp, "torch": richardson_step_ref}
+IMPLEMENTATIONS = {
+    "cuda": lambda v, b, hv, alpha, gamma, out: registry.extension()[0].richardson_step_cuda(v, b, hv, alpha, gamma, out),
+    "triton": lambda v, b, hv, alpha, gamma, out: registry.import_kernels("richardson_step").richardson_step_triton(
+        v, b, hv, alpha, gamma, out
+    ),
+    "cpp": lambda v, b, hv, alpha, gamma, out: registry.extension()[0].richardson_step_cpu(v, b, hv, alpha, gamma, out),
+    "torch": lambda v, b, hv, alpha, gamma, out: richardson_step_ref(v, b, hv, alpha, gamma, out=out),
+}
 
 
 def not_supported_reasons(backend: str, *tensors: Tensor) -> list[str]:
@@ -58,11 +55,11 @@ def not_supported_reasons(backend: str, *tensors: Tensor) -> list[str]:
     return registry.standard_reasons(OP, backend, tensors)
 
 
-registry.register_op(OP, registry.STANDARD_BACKENDS, not_supported_reasons)
+registry.register_op(OP, registry.STANDARD_BACKENDS, not_supported_reasons, registry.skip_interpreter)
 
 
 def richardson_step(
-    v: Tensor, b: Tensor, hv: Tensor, alpha: float, gamma: float, backend: str = "auto"
+    v: Tensor, b: Tensor, hv: Tensor, alpha: float, gamma: float, backend: str = "auto", *, out: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """v_new = v + alpha (b - v - gamma hv) with ||v_new - v||^2 and ||v_new||^2, in one pass.
 
@@ -73,6 +70,8 @@ def richardson_step(
         alpha: step size.
         gamma: proximal weight.
         backend: "auto" (cuda -> triton -> cpp -> torch) or one of those names.
+        out: optional (N,) buffer for v_new, overlapping no input (reusing one saves the
+            allocation, which on CPU costs more than the arithmetic).
 
     Returns:
         v_new (N,), upd_sq (), vnew_sq (): 0-d tensors of squared norms, in v's dtype (fp32 for
@@ -82,5 +81,6 @@ def richardson_step(
         ValueError: mismatched buffers, or a named backend that cannot run (every reason listed).
     """
     registry.check_buffers(OP, v=v, b=b, hv=hv)
-    name = registry.select_backend(OP, backend, v, b, hv)
-    return IMPLEMENTATIONS[name](v, b, hv, alpha, gamma)
+    registry.check_outputs(OP, v, (v, b, hv), out=out)
+    name = registry.select_backend(OP, backend, v, b, hv, out)
+    return IMPLEMENTATIONS[name](v, b, hv, float(alpha), float(gamma), out)
