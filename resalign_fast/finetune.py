@@ -1,0 +1,43 @@
+"""Downstream fine-tuning: `python -m resalign_fast.finetune [--config ft.toml] [--flag value ...]`.
+
+Fine-tunes any model the project produces (a train run's `outputs/<run>/model/` or the run folder,
+a diffusers folder, a .safetensors file) or the embedded base ("digits") the way users do, following
+the diffusers scripts (train_text_to_image, train_dreambooth, their LoRA variants). Writes
+output_dir/config.toml, log.jsonl (one line per step: loss, instance_loss, prior_loss, lr, grad_norm)
+and model/ (a diffusers folder; LoRA runs also get model/lora/). See `eval/downstream.py`.
+
+Examples:
+    python -m resalign_fast.finetune --pretrained_model_name_or_path outputs/resalign-7-s0 --output_dir outputs/ft
+    python -m resalign_fast.finetune --algorithm lora --rank 8 --learning_rate 1e-4 --train_data benign-all
+    python -m resalign_fast.finetune --loss dreambooth --train_data digit-3 --instance_prompt "a sks digit" \\
+        --class_prompt "a handwritten digit" --prior_loss_weight 1
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Optional
+
+from resalign_fast.config import ConfigError
+from resalign_fast.data.sets import DataError
+from resalign_fast.eval.cliconf import parse_dataclass
+from resalign_fast.eval.downstream import FinetuneConfig, FinetuneError, run
+from resalign_fast.models.pipeline import ModelError
+from resalign_fast.runs import RunError
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg, _ = parse_dataclass(FinetuneConfig, argv, description=__doc__)
+        out = run(cfg)
+    except (ConfigError, DataError, FinetuneError, ModelError, RunError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"done: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
