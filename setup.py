@@ -83,33 +83,35 @@ def decide_build(
             or contradicting knobs.
     """
     required = _on(env, "RESALIGN_FAST_REQUIRE_EXTENSIONS")
-    if _on(env, "RESALIGN_FAST_NO_EXTENSIONS"):
-        if required:
-            raise RuntimeError("RESALIGN_FAST_NO_EXTENSIONS=1 and RESALIGN_FAST_REQUIRE_EXTENSIONS=1 contradict each other")
-        return BuildPlan((), False, ("RESALIGN_FAST_NO_EXTENSIONS=1: pure-Python install",))
-    if torch_version is None:
-        note = "torch is not importable at build time: pure-Python install (install torch first, then pip install --no-build-isolation .)"
-        if required:
+
+    def fail_or(note: str, plan: BuildPlan, fatal: bool) -> BuildPlan:
+        if fatal:
             raise RuntimeError(note)
-        return BuildPlan((), False, (note,))
+        return plan
+
+    if _on(env, "RESALIGN_FAST_NO_EXTENSIONS"):
+        note = "RESALIGN_FAST_NO_EXTENSIONS=1"
+        return fail_or(f"{note} and RESALIGN_FAST_REQUIRE_EXTENSIONS=1 contradict each other",
+                       BuildPlan((), False, (f"{note}: pure-Python install",)), required)
+    if torch_version is None:
+        note = ("torch is not importable at build time: pure-Python install "
+                "(install torch first, then pip install --no-build-isolation .)")
+        return fail_or(note, BuildPlan((), False, (note,)), required)
     forced = _on(env, "FORCE_CUDA") or bool(env.get("TORCH_CUDA_ARCH_LIST", "").strip())
-    notes = []
+    cpu_only = f"torch {torch_version}: C++ CPU kernels only"
     if torch_cuda is None:
         if forced:
             note = f"CUDA requested (FORCE_CUDA/TORCH_CUDA_ARCH_LIST) but torch {torch_version} is a CPU build"
-            if required:
-                raise RuntimeError(note)
-            notes.append(note + ": CPU kernels only")
-        return BuildPlan(("cpu",), required, tuple(notes) + (f"torch {torch_version} (CPU build): C++ CPU kernels",))
+            return fail_or(note, BuildPlan(("cpu",), required, (note, cpu_only)), required)
+        return BuildPlan(("cpu",), required, (f"{cpu_only} (a CPU build of torch)",))
     if not (cuda_available or forced):
-        return BuildPlan(("cpu",), required, (f"torch {torch_version} is a CUDA {torch_cuda} build but no GPU is visible and "
-                                              "neither FORCE_CUDA=1 nor TORCH_CUDA_ARCH_LIST is set: C++ CPU kernels only",))
+        why = f"CUDA {torch_cuda} build, no visible GPU, neither FORCE_CUDA=1 nor TORCH_CUDA_ARCH_LIST set"
+        return BuildPlan(("cpu",), required, (f"{cpu_only} ({why})",))
     if cuda_home is None:
         note = "CUDA wanted but no CUDA toolkit found (set CUDA_HOME)"
-        if required and forced:
-            raise RuntimeError(note)
-        return BuildPlan(("cpu",), required, (note + ": C++ CPU kernels only",))
-    return BuildPlan(("cuda", "cpu"), required, (f"torch {torch_version} + CUDA {torch_cuda} at {cuda_home}: CPU and CUDA kernels",))
+        return fail_or(note, BuildPlan(("cpu",), required, (note, cpu_only)), required and forced)
+    note = f"torch {torch_version} + CUDA {torch_cuda} at {cuda_home}: CPU and CUDA kernels"
+    return BuildPlan(("cuda", "cpu"), required, (note,))
 
 
 def _probe_torch() -> dict:
@@ -221,7 +223,9 @@ def main() -> None:
         python_requires=">=3.11",
         packages=find_packages(include=["resalign_fast", "resalign_fast.*"]) + ["resalign_fast.kernels"],
         package_dir={"resalign_fast.kernels": "kernels"},
-        package_data={"resalign_fast": [f"assets/**/*.{ext}" for ext in ("safetensors", "json", "txt", "csv")]},
+        # Data shipped inside the package: model assets and the TOML run configurations.
+        package_data={"resalign_fast": [f"assets/**/*.{ext}" for ext in ("safetensors", "json", "txt", "csv")]
+                      + ["**/*.toml"]},
         include_package_data=False,
         # No torch pin: the README installs torch==2.13.0 (CPU) first; a pin here would make pip
         # fetch the CUDA build of another version.

@@ -81,8 +81,8 @@ def fd_combine_not_supported_reasons(backend: str, *tensors: Tensor) -> list[str
     return registry.standard_reasons("fd_combine", backend, tensors)
 
 
-registry.register_op("fd_perturb", registry.STANDARD_BACKENDS, fd_perturb_not_supported_reasons, registry.skip_interpreter)
-registry.register_op("fd_combine", registry.STANDARD_BACKENDS, fd_combine_not_supported_reasons, registry.skip_interpreter)
+for _op, _reasons in (("fd_perturb", fd_perturb_not_supported_reasons), ("fd_combine", fd_combine_not_supported_reasons)):
+    registry.register_op(_op, registry.STANDARD_BACKENDS, _reasons, auto_skip=registry.skip_interpreter)
 
 
 def _check_eps(op: str, eps: float) -> None:

@@ -104,17 +104,18 @@ def _bump_versions(*tensors: Tensor | None) -> None:
 
 
 def _sgd_fused(backend: str, param, grad, buf, lr, momentum, weight_decay, first_step) -> None:
+    args = (param, grad, buf, lr, momentum, weight_decay, first_step)
     if backend == "triton":
-        registry.import_kernels("optim_step").sgd_step_triton(param, grad, buf, lr, momentum, weight_decay, first_step)
+        registry.import_kernels("optim_step").sgd_step_triton(*args)
     elif backend == "cpp":
-        use_fma = torch_cpu_fuses_multiply_add()
-        registry.extension()[0].sgd_step_cpu(param, grad, buf, lr, momentum, weight_decay, first_step, use_fma)
+        registry.extension()[0].sgd_step_cpu(*args, torch_cpu_fuses_multiply_add())
     else:
-        registry.extension()[0].sgd_step_cuda(param, grad, buf, lr, momentum, weight_decay, first_step)
-    _bump_versions(param, buf if momentum != 0 else None)
+        registry.extension()[0].sgd_step_cuda(*args)
+    _bump_versions(param, buf)
 
 
-def _adam_fused(backend: str, param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay, decoupled) -> None:
+def _adam_fused(backend: str, param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, weight_decay,
+                decoupled) -> None:
     step_size, bc2_sqrt = _bias_corrections(step, lr, beta1, beta2)
     args = (param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, decoupled, step_size, bc2_sqrt)
     if backend == "triton":
@@ -136,8 +137,8 @@ def adam_not_supported_reasons(backend: str, *tensors: Tensor) -> list[str]:
     return registry.standard_reasons("adam_step", backend, tensors, allow_grad=True)
 
 
-registry.register_op("sgd_step", registry.STANDARD_BACKENDS, sgd_not_supported_reasons, registry.skip_interpreter)
-registry.register_op("adam_step", registry.STANDARD_BACKENDS, adam_not_supported_reasons, registry.skip_interpreter)
+for _op, _reasons in (("sgd_step", sgd_not_supported_reasons), ("adam_step", adam_not_supported_reasons)):
+    registry.register_op(_op, registry.STANDARD_BACKENDS, _reasons, auto_skip=registry.skip_interpreter)
 
 
 def sgd_step(
@@ -160,7 +161,9 @@ def sgd_step(
         ValueError: bad hyperparameters, mismatched buffers, or a named backend that cannot run.
     """
     if lr < 0 or not 0 <= momentum < 1 or weight_decay < 0:
-        raise ValueError(f"sgd_step: need lr >= 0, 0 <= momentum < 1, weight_decay >= 0; got {lr}, {momentum}, {weight_decay}")
+        raise ValueError(
+            f"sgd_step: need lr >= 0, 0 <= momentum < 1, weight_decay >= 0; got {lr}, {momentum}, {weight_decay}"
+        )
     if momentum != 0 and momentum_buf is None:
         raise ValueError(f"sgd_step: momentum {momentum} needs a momentum_buf")
     buf = momentum_buf if momentum != 0 else None

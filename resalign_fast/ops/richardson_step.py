@@ -40,12 +40,15 @@ def richardson_step_ref(
     return v_new, d.square().sum(dtype=acc), v_new.square().sum(dtype=acc)
 
 
+def _ext():
+    return registry.extension()[0]
+
+
+# backend -> fn(v, b, hv, alpha, gamma, out)
 IMPLEMENTATIONS = {
-    "cuda": lambda v, b, hv, alpha, gamma, out: registry.extension()[0].richardson_step_cuda(v, b, hv, alpha, gamma, out),
-    "triton": lambda v, b, hv, alpha, gamma, out: registry.import_kernels("richardson_step").richardson_step_triton(
-        v, b, hv, alpha, gamma, out
-    ),
-    "cpp": lambda v, b, hv, alpha, gamma, out: registry.extension()[0].richardson_step_cpu(v, b, hv, alpha, gamma, out),
+    "cuda": lambda *args: _ext().richardson_step_cuda(*args),
+    "triton": lambda *args: registry.import_kernels("richardson_step").richardson_step_triton(*args),
+    "cpp": lambda *args: _ext().richardson_step_cpu(*args),
     "torch": lambda v, b, hv, alpha, gamma, out: richardson_step_ref(v, b, hv, alpha, gamma, out=out),
 }
 
@@ -55,11 +58,12 @@ def not_supported_reasons(backend: str, *tensors: Tensor) -> list[str]:
     return registry.standard_reasons(OP, backend, tensors)
 
 
-registry.register_op(OP, registry.STANDARD_BACKENDS, not_supported_reasons, registry.skip_interpreter)
+registry.register_op(OP, registry.STANDARD_BACKENDS, not_supported_reasons, auto_skip=registry.skip_interpreter)
 
 
 def richardson_step(
-    v: Tensor, b: Tensor, hv: Tensor, alpha: float, gamma: float, backend: str = "auto", *, out: Tensor | None = None
+    v: Tensor, b: Tensor, hv: Tensor, alpha: float, gamma: float, backend: str = "auto", *,
+    out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """v_new = v + alpha (b - v - gamma hv) with ||v_new - v||^2 and ||v_new||^2, in one pass.
 

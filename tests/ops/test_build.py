@@ -70,7 +70,7 @@ def test_required_flag_is_carried(setup_py):
 
 
 def test_pure_python_build_ships_kernels_and_assets(tmp_path):
-    """RESALIGN_FAST_NO_EXTENSIONS=1: no compiler runs, the kernels package and the assets are in."""
+    """RESALIGN_FAST_NO_EXTENSIONS=1: no compiler runs; the kernels package, assets and configs are in."""
     env = dict(os.environ, RESALIGN_FAST_NO_EXTENSIONS="1")
     cmd = [sys.executable, str(ROOT / "setup.py"), "-q", "build", "--build-base", str(tmp_path / "b")]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -80,8 +80,9 @@ def test_pure_python_build_ships_kernels_and_assets(tmp_path):
     assert (lib / "resalign_fast" / "kernels" / "__init__.py").is_file()
     assert (lib / "resalign_fast" / "ops" / "registry.py").is_file()
     assert not list(lib.rglob("*.so")), "an extension was built"
-    shipped = {p.relative_to(ROOT / "resalign_fast") for p in (ROOT / "resalign_fast" / "assets").rglob("*")
-               if p.suffix in (".safetensors", ".json", ".txt", ".csv")}
+    pkg = ROOT / "resalign_fast"
+    shipped = {p.relative_to(pkg) for p in (pkg / "assets").rglob("*") if p.suffix in (".safetensors", ".json", ".txt", ".csv")}
+    shipped |= {p.relative_to(pkg) for p in pkg.rglob("*.toml")}
     assert shipped, "no assets in the checkout to check"
     for rel in shipped:
         assert (lib / "resalign_fast" / rel).is_file(), rel
