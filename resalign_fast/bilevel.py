@@ -11,11 +11,13 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
 from resalign_fast.config import ResAlignConfig
 from resalign_fast.data.encoded import EncodedSet
+from resalign_fast.distributed import DistContext
 from resalign_fast.hypergrad import guarded_hypergrad, make_hvp, unrolled_hypergrad
 from resalign_fast.inner.configs import FTSpace
 from resalign_fast.inner.simulate import ft_batch, ft_loss, inner_problem, optim_spec, simulate_finetune
@@ -27,6 +29,16 @@ log = logging.getLogger("resalign_fast.bilevel")
 
 class NumericalError(RuntimeError):
     """A NaN or inf in a loss or hypergradient (the message names the step and configuration)."""
+
+
+class _SimulationFault(ArithmeticError):
+    """One configuration's simulated fine-tuning went non-finite (handled per nan_policy by `step`)."""
+
+
+def config_generator(seed: int, step: int, i: int) -> torch.Generator:
+    """The generator of configuration i of outer step `step`: its batches do not depend on the other
+    configurations, so any rank can compute it (distributed.py). i < 2**20."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) << 20) + i)
 
 
 @dataclass
@@ -68,11 +80,13 @@ class ResAlign:
         data: {"harmful", "preserve", "ft"} -> EncodedSet (D_preserve doubles as DreamBooth class data).
         ft_space: pi(C).
         uncond_emb: (1, L, D) empty-prompt embedding (ESD).
+        dist: the process group over which the k configurations are spread (None: one process).
     """
 
     def __init__(self, cfg: ResAlignConfig, model, data: dict[str, EncodedSet], ft_space: FTSpace,
-                 uncond_emb: torch.Tensor) -> None:
+                 uncond_emb: torch.Tensor, dist: Optional[DistContext] = None) -> None:
         self.cfg, self.model, self.data, self.ft_space = cfg, model, data, ft_space
+        self.dist = dist or DistContext()
         self.uncond = uncond_emb
         unet = model.unet
         self._setup_attention(unet)
@@ -85,7 +99,9 @@ class ResAlign:
         else:
             unet.requires_grad_(False)
             self.space = ParamSpace(unet, base_names(unet), adapters=True)
-            self._orig = [p.detach().clone() for p in self.space.values()]  # full theta needs a frozen copy
+            # full theta needs a frozen copy of the original UNet, held in the frozen dtype (bf16/fp16 on GPU)
+            self._frozen_dtype = getattr(model, "frozen_dtype", torch.float32)
+            self._orig = [p.detach().to(self._frozen_dtype, copy=True) for p in self.space.values()]
         self.theta = self.space.values()
         for p in self.theta:
             p.requires_grad_(True)
@@ -113,7 +129,8 @@ class ResAlign:
             if self._orig is None:
                 with adapters_disabled(self.space.unet):
                     return self.space.unet(x, t, emb).sample
-            return self.space.eps(self._orig, x, t, emb)
+            d = self._frozen_dtype
+            return self.space.eps(self._orig, x.to(d), t, emb.to(d)).to(x.dtype)
 
     # --- objectives ----------------------------------------------------------------------------
     def harmful_batch(self, gen: torch.Generator) -> NoisyBatch:
@@ -133,6 +150,17 @@ class ResAlign:
 
     # --- one outer step -------------------------------------------------------------------------
     def step(self, s: int) -> StepResult:
+        """Outer step s: a pure function of (theta, optimizer state, seed, s), so a resumed run repeats it.
+
+        Batches of L_h and R come from a generator seeded by (seed, s); configuration i draws from
+        `config_generator(seed, s, i)`. With a process group, the configurations are spread over
+        ranks and their hypergradients summed in configuration order (distributed.py).
+
+        NaN policy: a non-finite L_h, R, hypergradient or simulated theta* is logged with the step
+        and the configurations; then the step is skipped (theta and the optimizer unchanged) or,
+        with nan_policy = "abort", NumericalError is raised. A non-finite theta after an update
+        always raises: nothing non-finite is ever checkpointed or exported.
+        """
         cfg = self.cfg
         t0 = time.time()
         if torch.cuda.is_available():
@@ -146,19 +174,31 @@ class ResAlign:
             r = target_loss(self.space.eps(theta, pb.x_t, pb.t, pb.emb), pb)
             direct = torch.autograd.grad((1 - cfg.lam) * lh + w_r * r, theta)
         res = StepResult(step=s, harmful=lh.item(), preserve=r.item(), w_r=w_r)
-        total = [torch.zeros_like(p) for p in self.theta]
-        for c in self.ft_space.sample(cfg.configs_per_step, gen):
-            g, info = self._config_hypergrad(c, theta, direct, hb, gen, res)
-            res.configs.append(c.short())
-            res.retries += info.retries if info else 0
-            res.fallbacks += int(info.fallback) if info else 0
-            for acc, x in zip(total, g):
-                acc.add_(x)
+        configs = self.ft_space.sample(cfg.configs_per_step, gen)
+        res.configs = [c.short() for c in configs]
+        local, stats = {}, {}
+        for i in self.dist.indices(len(configs)):
+            st = stats[i] = {"lh_star": None, "retries": 0, "fallback": False, "fault": ""}
+            try:
+                g, info = self._config_hypergrad(configs[i], theta, direct, hb, config_generator(cfg.seed, s, i), st)
+            except _SimulationFault as e:
+                st["fault"], g, info = str(e), [torch.full_like(p, float("nan")) for p in self.theta], None
+            st["retries"], st["fallback"] = (info.retries, bool(info.fallback)) if info else (0, False)
+            local[i] = g
+        for part in self.dist.gather_objects(stats):
+            stats.update(part)
+        res.recovered = [None if stats[i]["lh_star"] is None else stats[i]["lh_star"] - res.harmful
+                         for i in range(len(configs))]
+        res.retries = sum(stats[i]["retries"] for i in range(len(configs)))
+        res.fallbacks = sum(int(stats[i]["fallback"]) for i in range(len(configs)))
+        faults = [f"config {i} ({res.configs[i]}): {stats[i]['fault']}" for i in range(len(configs)) if stats[i]["fault"]]
+        total = self.dist.reduce_config_grads(local, len(configs), self.theta)
         g = [x / cfg.configs_per_step for x in total]
         res.direct_norm = math.sqrt(sum(float(d.pow(2).sum()) for d in direct))
         res.hypergrad_norm = math.sqrt(sum(float(x.pow(2).sum()) for x in g))
-        if not (math.isfinite(res.hypergrad_norm) and math.isfinite(res.harmful) and math.isfinite(res.preserve)):
-            msg = f"outer step {s}: non-finite value (harmful {res.harmful}, preserve {res.preserve}, ||g|| {res.hypergrad_norm}; configs {res.configs})"
+        if faults or not (math.isfinite(res.hypergrad_norm) and math.isfinite(res.harmful) and math.isfinite(res.preserve)):
+            msg = (f"outer step {s}: non-finite value (harmful {res.harmful}, preserve {res.preserve}, "
+                   f"||g|| {res.hypergrad_norm}; configs {res.configs}{'; ' + '; '.join(faults) if faults else ''})")
             if cfg.nan_policy == "abort":
                 raise NumericalError(msg)
             log.error("%s: step skipped, theta unchanged", msg)
@@ -168,12 +208,18 @@ class ResAlign:
                 p.grad = x.to(p.dtype)
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
+            if not all(torch.isfinite(p).all() for p in self.theta):
+                raise NumericalError(f"outer step {s}: theta became non-finite after the update (configs {res.configs})")
         res.seconds = time.time() - t0
         res.peak_memory_bytes = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
         return res
 
-    def _config_hypergrad(self, c, theta, direct, hb, gen, res):
-        """Hypergradient of one sampled configuration C: returns (g_C, GuardInfo or None)."""
+    def _config_hypergrad(self, c, theta, direct, hb, gen, st):
+        """Hypergradient of one sampled configuration C: returns (g_C, GuardInfo or None).
+
+        Writes the recovered harm into st["recovered"]; raises _SimulationFault when the simulated
+        fine-tuning ends in a non-finite theta* or L_h(theta*) (the guard would otherwise hide it).
+        """
         cfg = self.cfg
         prob = inner_problem(self.space, cfg.theta, c.algorithm, theta)
         phi0 = [p.detach() for p in prob.phi0(theta)]
@@ -181,12 +227,16 @@ class ResAlign:
         prox = cfg.gamma if cfg.proximal else None
         with _attention_ctx(cfg, False):
             if cfg.hypergrad == "unrolled":
-                return self._unrolled(c, prob, theta, direct, hb, gen, res), None
+                return self._unrolled(c, prob, theta, direct, hb, gen), None
             phi_star = simulate_finetune(prob.space, phi0, c, self.data["ft"], prior, self.alphas, gen, proximal_gamma=prox)
+            if not all(torch.isfinite(p).all() for p in phi_star):
+                raise _SimulationFault("simulated fine-tuning produced non-finite weights")
             ps = [p.requires_grad_(True) for p in phi_star]
             lh_star = self.harmful_loss(prob.space, ps, hb)
+            if not torch.isfinite(lh_star):
+                raise _SimulationFault(f"L_h(theta*) = {lh_star.item()}")
             b = [cfg.lam * x for x in torch.autograd.grad(lh_star, ps)]
-        res.recovered.append(lh_star.item() - res.harmful)
+        st["lh_star"] = lh_star.item()
         if cfg.hypergrad == "first_order":
             v = prob.pullback(b)
             return [d + x for d, x in zip(direct, v)], None
@@ -202,7 +252,7 @@ class ResAlign:
                                  max_grad_norm=cfg.max_grad_norm, max_retries=cfg.max_retries,
                                  solver=cfg.solver, pullback=prob.pullback)
 
-    def _unrolled(self, c, prob, theta, direct, hb, gen, res):
+    def _unrolled(self, c, prob, theta, direct, hb, gen):
         """Backpropagation through the simulated steps (activation memory independent of steps)."""
         cfg = self.cfg
         batches = [ft_batch(c, self.data["ft"], self.data["preserve"], self.alphas, gen) for _ in range(c.steps)]

@@ -4,19 +4,59 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
-from resalign_fast.config import ResAlignConfig
+from resalign_fast.config import ConfigError, ResAlignConfig, load_toml, to_dict
 
 log = logging.getLogger("resalign_fast.runs")
 CKPT = "last.pt"
+# Settings that issue 6 asks config.py to carry (frozen parts' dtype, pickled weights, single-file
+# configs); until ResAlignConfig has these fields, these defaults apply.
+PENDING_FIELDS: dict[str, Any] = {"frozen_dtype": "fp32", "allow_pickle": False, "single_file_config": ""}
+# Settings a resumed run may change: they do not affect the weights.
+RESUME_MAY_CHANGE = {"resume", "progress", "device", "checkpoint_every", "nan_policy", "samples_per_prompt",
+                     "sample_steps", "guidance", "output_dir", "run_name"}
 
 
 class RunError(RuntimeError):
     """A run that cannot start or continue as asked; the message says why."""
+
+
+def setting(cfg: ResAlignConfig, name: str) -> Any:
+    """cfg.<name>, or its PENDING_FIELDS default while config.py lacks the field."""
+    return getattr(cfg, name, PENDING_FIELDS[name])
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a text file so that a kill leaves either the old or the new content."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def check_resume_config(out: Path, cfg: ResAlignConfig) -> None:
+    """--resume must continue the same run: settings that shape the weights may not change.
+
+    Raises:
+        RunError: config.toml of the run differs in such a setting (named), or cannot be read.
+    """
+    saved_path = out / "config.toml"
+    if not saved_path.is_file():
+        return  # killed before the run wrote anything: nothing to compare
+    try:
+        saved = load_toml(saved_path)
+    except ConfigError as e:
+        raise RunError(f"--resume: {e}") from None
+    now = to_dict(cfg)
+    diff = sorted(k for k in set(saved) & set(now) if k not in RESUME_MAY_CHANGE and saved[k] != now[k])
+    if diff:
+        changes = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in diff)
+        raise RunError(f"--resume: {saved_path} was written with other settings ({changes}); "
+                       f"resume with the same settings or start another --run_name")
 
 
 def pick_device(name: str) -> torch.device:
@@ -61,15 +101,26 @@ def sample_grid(cfg: ResAlignConfig, model, harm: list[str], benign: list[str], 
 
     prompts = [p for p in harm + benign for _ in range(cfg.samples_per_prompt)]
     imgs = generate(model, prompts, steps=cfg.sample_steps, guidance=cfg.guidance, seed=cfg.seed, unet=unet)
-    save_png(image_grid(imgs, nrow=cfg.samples_per_prompt), path, scale=4 if model.vae is None else 1)
-    (path.with_suffix(".txt")).write_text("\n".join(harm + benign) + "\n")
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    save_png(image_grid(imgs, nrow=cfg.samples_per_prompt), tmp, scale=4 if model.vae is None else 1)
+    tmp.replace(path)
+    write_atomic(path.with_suffix(".txt"), "\n".join(harm + benign) + "\n")
 
 
 def checkpoint_save(ckpt_dir: Path, algo, step: int) -> None:
-    """Atomically write theta, the outer optimizer state and the step (write to .tmp, then rename)."""
+    """Atomically write theta, the outer optimizer state and the step (write to .tmp, fsync, rename).
+
+    Raises:
+        RunError: theta holds NaN/inf (the previous checkpoint is kept).
+    """
+    if not all(torch.isfinite(p).all() for p in algo.theta):
+        raise RunError(f"outer step {step}: theta holds NaN or inf, not checkpointed (the previous checkpoint is kept)")
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     tmp = ckpt_dir / (CKPT + ".tmp")
-    torch.save({"step": step, "theta": [p.detach().cpu() for p in algo.theta], "opt": algo.opt.state_dict()}, tmp)
+    with open(tmp, "wb") as f:
+        torch.save({"step": step, "theta": [p.detach().cpu() for p in algo.theta], "opt": algo.opt.state_dict()}, f)
+        f.flush()
+        os.fsync(f.fileno())
     tmp.replace(ckpt_dir / CKPT)
 
 
@@ -79,7 +130,10 @@ def checkpoint_load(ckpt_dir: Path, algo) -> int:
     if not path.is_file():
         log.warning("--resume: no checkpoint in %s, starting from step 0", ckpt_dir)
         return 0
-    st = torch.load(path, weights_only=True, map_location="cpu")
+    try:
+        st = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:  # unreadable or not a weights-only file: say which
+        raise RunError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     if len(st["theta"]) != len(algo.theta) or any(a.shape != b.shape for a, b in zip(st["theta"], algo.theta)):
         raise RunError(f"{path}: checkpoint does not match this configuration (different theta)")
     with torch.no_grad():
@@ -93,11 +147,14 @@ def truncate_metrics(path: Path, steps: int) -> None:
     """Keep the first `steps` lines of metrics.jsonl (steps after the checkpoint are redone)."""
     if path.is_file():
         lines = path.read_text().splitlines(keepends=True)[:steps]
-        path.write_text("".join(lines))
+        write_atomic(path, "".join(lines))
 
 
 def export_run(out: Path, cfg: ResAlignConfig, model, algo) -> None:
     """model/ (full diffusers folder with the merged UNet) and lora/ (theta's adapter, LoRA theta only).
+
+    model/ loads with `StableDiffusionPipeline.from_pretrained` when the base is an SD pipeline;
+    lora/ loads onto the base model with `pipe.load_lora_weights(out / "lora")`.
 
     Raises:
         RunError: theta holds NaN/inf (never saved).
@@ -122,6 +179,11 @@ def export_run(out: Path, cfg: ResAlignConfig, model, algo) -> None:
         from peft.utils import get_peft_model_state_dict
 
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-        StableDiffusionPipeline.save_lora_weights(out / "lora", unet_lora_layers=layers, safe_serialization=True)
+        # the adapter's LoraConfig travels in the file's metadata, so that load_lora_weights applies
+        # alpha/rank (without it diffusers assumes alpha = rank)
+        meta = {k: v for k, v in unet.peft_config["default"].to_dict().items() if k in ("r", "lora_alpha", "target_modules")}
+        meta["target_modules"] = sorted(meta["target_modules"]) if isinstance(meta["target_modules"], (set, list)) else meta["target_modules"]
+        StableDiffusionPipeline.save_lora_weights(out / "lora", unet_lora_layers=layers, safe_serialization=True,
+                                                  unet_lora_adapter_metadata=meta)
         (out / "lora" / "adapter_config.json").write_text(json.dumps(
             {"r": cfg.lora_rank, "lora_alpha": cfg.lora_alpha, "placement": cfg.lora_placement}, indent=2))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -38,8 +39,8 @@ class EncodedSet:
         return self.x0[idx], self.emb[idx]
 
 
-def _key(model_source: str, data: PromptImageSet) -> str:
-    h = hashlib.sha256(model_source.encode())
+def _key(model_id: str, data: PromptImageSet) -> str:
+    h = hashlib.sha256(model_id.encode())
     h.update(data.images.numpy().tobytes())
     h.update("\n".join(data.prompts).encode())
     return h.hexdigest()[:24]
@@ -47,12 +48,21 @@ def _key(model_source: str, data: PromptImageSet) -> str:
 
 def encode_set(model, data: PromptImageSet, device: torch.device, cache_dir: Optional[Path] = None,
                batch_size: int = 16) -> EncodedSet:
-    """Encode images to UNet inputs and prompts to embeddings (see module doc for caching)."""
-    path = Path(cache_dir) / f"{_key(model.source, data)}.pt" if cache_dir else None
+    """Encode images to UNet inputs and prompts to embeddings (see module doc for caching).
+
+    The cache key covers the model's weights and frozen dtype (`model.fingerprint`; the source path
+    when empty) and the images and prompts. A cache file that cannot be read is re-encoded.
+    """
+    path = Path(cache_dir) / f"{_key(getattr(model, 'fingerprint', '') or model.source, data)}.pt" if cache_dir else None
     if path is not None and path.is_file():
-        d = torch.load(path, weights_only=True)
-        log.info("loaded encoded data from %s", path)
-        return EncodedSet(d["x0"].to(device), d["emb"].to(device), data.prompts)
+        try:
+            d = torch.load(path, weights_only=True)
+            if d["x0"].shape[0] == len(data) == d["emb"].shape[0]:
+                log.info("loaded encoded data from %s", path)
+                return EncodedSet(d["x0"].to(device), d["emb"].to(device), data.prompts)
+            log.warning("%s: cache does not match the data, re-encoding", path)
+        except Exception as e:  # a damaged cache file is rebuilt, never trusted
+            log.warning("%s: unreadable cache (%s), re-encoding", path, e)
     xs = []
     vae_dev = next(model.vae.parameters()).device if model.vae is not None else device
     for i in range(0, len(data), batch_size):
@@ -60,7 +70,7 @@ def encode_set(model, data: PromptImageSet, device: torch.device, cache_dir: Opt
     enc = EncodedSet(torch.cat(xs).float(), model.encode_prompts(data.prompts).to(device).float(), data.prompts)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # unique per process: ranks may write at once
         torch.save({"x0": enc.x0.cpu(), "emb": enc.emb.cpu()}, tmp)
         tmp.replace(path)
     return enc
