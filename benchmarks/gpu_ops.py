@@ -156,6 +156,10 @@ def torch_optim_table(n: int) -> list[str]:
         dtype = DTYPES[dname]
         for name in ("SGD", "AdamW"):
             for backend in BACKENDS:
+                reasons = registry.not_supported_reasons("sgd_step", backend, torch.empty(1, device="cuda", dtype=dtype))
+                if reasons:
+                    rows.append(f"| {name} | {dname} | {backend} | {'; '.join(reasons)} |")
+                    continue
                 p0 = torch.randn(n, device="cuda", dtype=dtype)
                 p_t, p = p0.clone().requires_grad_(), p0.clone()
                 bufs = [torch.zeros_like(p0) for _ in range(2)]
