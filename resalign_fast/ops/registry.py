@@ -20,11 +20,12 @@ Every fused op registers itself here once, at import of its module, with the bac
 
 `select_backend` walks the backends in order for "auto" and takes the first that has no reason
 against the inputs; a backend asked for by name that cannot run raises `UnsupportedBackendError`,
-whose message lists every reason. An op may also pass `auto_skip(backend, *tensors) -> str | None`:
-a backend that can run but that `auto` should not pick (the built-in ops use `skip_interpreter`:
-the Triton interpreter is a debugging aid, ~1.8 ms per program, and TRITON_INTERPRET=1 set by one
-test would otherwise reroute every later CPU call through it). The helpers below (`extension`, `triton_reasons`,
-`tensor_reasons`, `import_kernels`) are the checks the built-in ops share; use them or not.
+whose message lists every reason. An op may also pass `auto_skip(backend, *tensors) -> str | None`
+for a backend that can run but that `auto` should not pick: the built-in ops use
+`skip_interpreter`, since the Triton interpreter is a debugging aid (~1.8 ms per program) and
+TRITON_INTERPRET=1, once set for a test session, would otherwise reroute every CPU call through it.
+The helpers below (`extension`, `tensor_reasons`, `triton_reasons`, `standard_reasons`,
+`check_buffers`, `check_outputs`, `import_kernels`) are the checks the built-in ops share.
 
 The built-in fused ops use the backends `STANDARD_BACKENDS` ("cuda", "triton", "cpp", "torch").
 """
