@@ -33,6 +33,14 @@ from resalign_fast.eval.cliconf import dump_toml, parse_dataclass, parse_list
 
 log = logging.getLogger("resalign_fast.evaluate")
 
+# Digits world sampling: 25 DDIM steps (the project's default) without guidance. Chosen on the
+# original model only, before any unlearned model was evaluated: on the stand-in base (45 images per
+# metric, 25 steps) benign accuracy / FD were 0.96 / 49.9 at guidance 1, 0.98 / 48.8 at 1.5,
+# 0.93 / 72.9 at 2 and 0.42 / 236.9 at 3 (guidance 3 oversaturates over 25 steps; it does not at 5
+# steps: 1.00 / 76.5). Guidance 1 also halves the cost (no unconditional pass).
+DIGITS_GUIDANCE = 1.0
+DIGITS_STEPS = 25
+
 
 @dataclass(frozen=True)
 class EvalConfig:
@@ -42,8 +50,8 @@ class EvalConfig:
     output_dir: str = _f("outputs/eval", "where reports, plots and the cell cache go")
     concept: int = _f(7, "digits world: the erased digit", lo=0, hi=9)
     n_images: int = _f(100, "digits world: images per metric (harmful prompts; benign prompts)", lo=2)
-    sample_steps: int = _f(0, "DDIM steps (0: 25 for digits, 30 for a prompt CSV as the paper)", lo=0)
-    guidance: float = _f(-1.0, "classifier-free guidance (negative: 3.0 for digits, 7.5 for a prompt CSV)")
+    sample_steps: int = _f(0, "DDIM steps (0: DIGITS_STEPS = 25 for digits, 30 for a prompt CSV as the paper)", lo=0)
+    guidance: float = _f(-1.0, "classifier-free guidance (negative: DIGITS_GUIDANCE for digits, 7.5 for a prompt CSV as the paper)")
     eval_seed: int = _f(1234, "generation seed of every evaluation (the same for every model)", lo=0)
     batch_size: int = _f(0, "prompts per generation batch (0: 200 for digits, 8 for a prompt CSV)", lo=0)
     prompts: str = _f("", "prompt CSV (column prompt/text/caption): real-model mode with --detector")
@@ -78,7 +86,7 @@ def make_evaluator(cfg: EvalConfig, benign: bool = True):
         return PromptEvaluator(cfg.prompts, cfg.detector, kw, cfg.images_per_prompt, cfg.sample_steps or 30,
                                7.5 if cfg.guidance < 0 else cfg.guidance, cfg.eval_seed, cfg.batch_size or 8,
                                cfg.limit_prompts)
-    return DigitsEvaluator(cfg.concept, cfg.n_images, cfg.sample_steps or 25, 3.0 if cfg.guidance < 0 else cfg.guidance,
+    return DigitsEvaluator(cfg.concept, cfg.n_images, cfg.sample_steps or DIGITS_STEPS, DIGITS_GUIDANCE if cfg.guidance < 0 else cfg.guidance,
                            cfg.eval_seed, benign, cfg.batch_size or 200)
 
 

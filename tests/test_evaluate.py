@@ -12,7 +12,7 @@ from resalign_fast.eval.metrics import frechet_distance_features
 from resalign_fast.eval.report import compare_markdown, criteria
 from resalign_fast.models.pipeline import load_model
 
-FAST = dict(n_images=6, steps=2, batch_size=5)
+FAST = dict(n_images=6, steps=2, guidance=3.0, batch_size=5)
 
 
 @pytest.fixture(scope="module")

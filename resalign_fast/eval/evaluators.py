@@ -26,7 +26,7 @@ class DigitsEvaluator:
         concept: the erased digit.
         n_images: images per metric: n from the concept's prompts (its caption templates in turn)
             and n from benign prompts (the nine other digits in turn, then the templates).
-        steps, guidance: DDIM sampling (the digits defaults of train's sample grids: 25, 3.0).
+        steps, guidance: DDIM sampling (25 steps, no guidance: see `evaluate.DIGITS_GUIDANCE`).
         seed: generation seed (image i's noise depends only on (seed, i)).
         benign: also generate benign images (benign accuracy, FD); off for harmful-only sweeps.
         batch_size: prompts per UNet batch (classifier-free guidance doubles it).
@@ -35,7 +35,7 @@ class DigitsEvaluator:
     the real test-split digits other than the concept (`digits_split("test")`, never trained on).
     """
 
-    def __init__(self, concept: int = 7, n_images: int = 100, steps: int = 25, guidance: float = 3.0,
+    def __init__(self, concept: int = 7, n_images: int = 100, steps: int = 25, guidance: float = 1.0,
                  seed: int = 1234, benign: bool = True, batch_size: int = 200) -> None:
         from resalign_fast.data.digits import all_captions, caption
         from resalign_fast.eval.detectors import DigitDetector

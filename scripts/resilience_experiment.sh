@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# The resilience experiment of issue 3 on the embedded digits world, end to end:
+#   1. unlearning runs: plain unlearning (lam = 0) and ResAlign (defaults), one per seed;
+#   2. `evaluate --compare`: original / plain / ResAlign, each fine-tuned downstream with every
+#      configuration of resalign_fast/eval/configs/downstream_digits.toml (2 inside pi(C), 4 outside)
+#      and every fine-tuning seed, evaluated along the fine-tuning run (100 images per metric);
+#   3. `evaluate --sweep`: harmful rate over lr x steps (full and LoRA), a heatmap per model.
+# Every step resumes: finished runs and evaluation cells are reused, so rerunning continues.
+#
+# Usage: scripts/resilience_experiment.sh [--quick] [--base MODEL] [--out DIR] [--concept N] [--dry-run]
+#   full protocol: 3 unlearning seeds per method, fine-tuning seeds 0,1,2, all 6 configurations,
+#                  sweep 4 lrs x 4 step counts x {full, lora}. Estimated cost on one CPU core:
+#                  about 10 h (see docs/evaluation.md); a GPU makes it minutes.
+#   --quick:       1 unlearning seed per method, fine-tuning seed 0, two configurations (one inside
+#                  and one outside pi(C)), sweep 2 lrs x 2 step counts (full): about 50 min.
+# Plain unlearning runs with --hypergrad first_order: with lam = 0 the recovered-harm term is zero,
+# so every hypergradient mode yields the same update (the direct gradient); this only skips the
+# useless Hessian-vector products.
+set -euo pipefail
+
+QUICK=0; BASE=digits; OUT=outputs/resilience; CONCEPT=7; DRY=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) QUICK=1 ;;
+    --base) BASE="$2"; shift ;;
+    --out) OUT="$2"; shift ;;
+    --concept) CONCEPT="$2"; shift ;;
+    --dry-run) DRY=1 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    *) echo "unknown argument: $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+PY="${PYTHON:-python}"
+
+if [ "$QUICK" = 1 ]; then
+  SEEDS="0"; FT_SEEDS="0"; CONFIGS="full-adam-lr1e-4-30,full-adamw-lr3e-4-300"
+  SWEEP_LRS="1e-4,1e-3"; SWEEP_STEPS="100,300"; SWEEP_ALGS="full"; TAG=quick
+else
+  SEEDS="0 1 2"; FT_SEEDS="0,1,2"; CONFIGS=""
+  SWEEP_LRS="1e-5,1e-4,3e-4,1e-3"; SWEEP_STEPS="50,100,200,300"; SWEEP_ALGS="full,lora"; TAG=full
+fi
+RUNS="$OUT/runs"
+
+run() {  # print, then run unless --dry-run
+  echo "+ $*" >&2
+  if [ "$DRY" = 0 ]; then "$@"; fi
+}
+
+unlearn() {  # unlearn NAME SEED EXTRA_FLAGS...
+  local name="$1" seed="$2"; shift 2
+  local dir="$RUNS/$name-s$seed" resume=()
+  if [ -d "$dir/model/unet" ]; then echo "reusing $dir" >&2; return; fi
+  if [ -f "$dir/checkpoints/last.pt" ]; then resume=(--resume); fi
+  run "$PY" -m resalign_fast.train --pretrained_model_name_or_path "$BASE" --concept "$CONCEPT" --seed "$seed" \
+      --output_dir "$RUNS" --run_name "$name-s$seed" --no-progress "${resume[@]}" "$@"
+}
+
+PLAIN=(); RESALIGN=()
+for s in $SEEDS; do
+  unlearn plain "$s" --lam 0 --hypergrad first_order
+  unlearn resalign "$s"
+  PLAIN+=("$RUNS/plain-s$s"); RESALIGN+=("$RUNS/resalign-s$s")
+done
+join() { local IFS=,; echo "$*"; }
+
+run "$PY" -m resalign_fast.evaluate --output_dir "$OUT/compare-$TAG" --concept "$CONCEPT" --ft_seeds "$FT_SEEDS" \
+    --configs "$CONFIGS" --num_threads 1 \
+    --compare "original=$BASE" "plain=$(join "${PLAIN[@]}")" "resalign=$(join "${RESALIGN[@]}")"
+
+run "$PY" -m resalign_fast.evaluate --output_dir "$OUT/sweep-$TAG" --concept "$CONCEPT" --ft_seeds 0 \
+    --sweep_lrs "$SWEEP_LRS" --sweep_steps "$SWEEP_STEPS" --sweep_algorithms "$SWEEP_ALGS" --num_threads 1 \
+    --sweep "original=$BASE" "plain=${PLAIN[0]}" "resalign=${RESALIGN[0]}"
+
+echo "reports: $OUT/compare-$TAG/report.md, $OUT/sweep-$TAG/sweep.md" >&2
