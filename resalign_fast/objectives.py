@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -42,14 +41,19 @@ def make_noisy_batch(x0: torch.Tensor, emb: torch.Tensor, alphas_cumprod: torch.
     return NoisyBatch(ab.sqrt() * x0 + (1 - ab).sqrt() * noise, t.to(x0.device), emb, noise)
 
 
+def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean squared error written out: F.mse_loss breaks forward-over-reverse AD (pytorch#123996)."""
+    return (a - b).square().mean()
+
+
 def denoising_loss(eps: torch.Tensor, batch: NoisyBatch) -> torch.Tensor:
     """Standard diffusion loss ||eps_pred - noise||^2 (mean)."""
-    return F.mse_loss(eps, batch.noise)
+    return mse(eps, batch.noise)
 
 
 def ga_loss(eps: torch.Tensor, batch: NoisyBatch) -> torch.Tensor:
     """Gradient-ascent harmful loss: minus the denoising loss on harmful pairs."""
-    return -F.mse_loss(eps, batch.noise)
+    return -mse(eps, batch.noise)
 
 
 @torch.no_grad()
@@ -73,7 +77,7 @@ def target_loss(eps: torch.Tensor, batch: NoisyBatch) -> torch.Tensor:
     """||eps_pred - batch.target||^2: the ESD harmful loss and the preservation distillation."""
     if batch.target is None:
         raise ValueError("batch has no target: compute it with the frozen original model first")
-    return F.mse_loss(eps, batch.target)
+    return mse(eps, batch.target)
 
 
 def dreambooth_loss(instance: torch.Tensor, prior: torch.Tensor, prior_weight: float) -> torch.Tensor:

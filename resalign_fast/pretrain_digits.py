@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         "cfg_dropout": a.cfg_dropout, "train_images": len(labels), "torch": torch.__version__,
         "device": torch.cuda.get_device_name() if str(a.device).startswith("cuda") else "cpu",
         "train_seconds_this_process": round(time.time() - t0, 1),
+        "resumed_from_step": start,
         "eval": {"guidance": a.guidance, "sample_steps": a.sample_steps, "per_digit_images": a.eval_per_digit,
                  "classifier_accuracy_on_generated": ev["accuracy"], "per_digit": ev["per_digit"]},
     }

@@ -51,15 +51,22 @@ def plain_name(name: str) -> str:
 
 @contextlib.contextmanager
 def adapters_disabled(unet: torch.nn.Module) -> Iterator[None]:
-    """Run the base model (the frozen original when theta is LoRA)."""
-    has = bool(getattr(unet, "peft_config", None))
-    if has:
-        unet.disable_adapters()
+    """Run the base model (the frozen original when theta is LoRA).
+
+    Flips peft's per-layer flag directly: `unet.disable_adapters()` also calls requires_grad_(),
+    which torch.func transforms (the jvp HVP backend) forbid.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+    before = [m._disable_adapters for m in layers]
+    for m in layers:
+        m._disable_adapters = True
     try:
         yield
     finally:
-        if has:
-            unet.enable_adapters()
+        for m, b in zip(layers, before):
+            m._disable_adapters = b
 
 
 @dataclass
