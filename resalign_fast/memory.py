@@ -1,0 +1,215 @@
+"""Memory planner: estimated peak GPU memory of one ResAlign outer step, without weights or a GPU.
+
+    python -m resalign_fast.memory --model sd-v1-4 --resolution 512 [--json]
+
+The step runs for real, on meta tensors (shapes and storages, no data), under a tracker of live
+storage bytes (`resalign_fast.memplan`): the project's HVP backends, solver, optimizer and attention
+execute; nothing is computed by formula. Rows are recipes (the reference recipe, then every HVP
+backend x attention x checkpointing), columns the memory-relevant configurations of pi(C).
+
+What the estimate counts: tensor storages, each rounded up to 512 bytes (the CUDA caching
+allocator's `max_memory_allocated`). What it leaves out: the CUDA context (~0.5 GiB), allocator
+fragmentation and segment rounding (`memory_reserved` is higher), and workspaces that kernels
+allocate internally (cuBLAS, cuDNN convolution algorithms, the fused attention backward).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+
+from resalign_fast.memplan.estimate import ConfigPeak, Estimator
+from resalign_fast.memplan.recipes import HVP_BACKENDS, PI_C, REFERENCE, FTConfig, Recipe, StepShape, sources
+from resalign_fast.memplan.attn import MODES
+from resalign_fast.memplan.unets import MODELS
+
+GIB = 2**30
+PAPER_PEAK_GB = 56  # ResAlign paper: "peak 56 GB" on one A100 (GB = 1e9 bytes assumed; GiB shown too)
+TARGETS_GIB = {"fd": 6.0, "exact": 12.0}  # issue 4: LoRA configs of pi(C)
+WHOLE_TARGET_GIB = 16.0  # issue 4: every configuration, full-parameter ones included
+
+
+def our_recipes(hvps=HVP_BACKENDS, attentions=MODES, checkpointing=(False, True),
+                weights: str = "fp32") -> list[Recipe]:
+    """Every HVP backend x attention x checkpointing (DreamBooth terms split, base weights `weights`)."""
+    return [Recipe(f"{h}/{a}/{'ckpt' if c else 'no-ckpt'}", hvp=h, attention=a, checkpointing=c, weights=weights)
+            for h in hvps for a in attentions for c in checkpointing]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line flags (see `main`)."""
+    p = argparse.ArgumentParser(prog="python -m resalign_fast.memory", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="sd-v1-4", choices=sorted(MODELS), help="built-in UNet config")
+    p.add_argument("--resolution", type=int, default=512, help="image side in pixels")
+    p.add_argument("--batch", type=int, default=1, help="images per forward pass")
+    p.add_argument("--iters", type=int, default=5, help="Richardson iterations K")
+    p.add_argument("--sim-steps", type=int, default=1,
+                   help="simulated fine-tuning steps traced (no graph is kept between steps: 1 gives the peak)")
+    p.add_argument("--weights", default="fp32", choices=("fp32", "bf16", "fp16"),
+                   help="dtype of the frozen base weights in our recipes (the reference is fp32)")
+    p.add_argument("--target", default="cuda", choices=("cuda", "cpu"), help="device whose fused attention is modelled")
+    p.add_argument("--block", type=int, default=512, help="allocation rounding in bytes (CUDA: 512)")
+    p.add_argument("--hvp", default=",".join(HVP_BACKENDS), help="comma list of HVP backends")
+    p.add_argument("--attention", default=",".join(MODES), help="comma list of attention modes")
+    p.add_argument("--checkpointing", default="off,on", help="comma list of off/on")
+    p.add_argument("--configs", default="all", help="comma list of configuration names (e.g. lora-sgd-standard) or all")
+    p.add_argument("--engine", default="spec", choices=("spec", "project"),
+                   help="spec: the planner's outer step; project: resalign_fast.bilevel.ResAlign.step")
+    p.add_argument("--no-reference", action="store_true", help="skip the reference recipe")
+    p.add_argument("--no-memo", action="store_true", help="trace every step whole instead of reusing phases")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    return p.parse_args(argv)
+
+
+def _split(text: str, allowed, what: str) -> list[str]:
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in items if s not in allowed]
+    if bad or not items:
+        raise SystemExit(f"error: --{what}: {bad or text!r} not in {list(allowed)}")
+    return items
+
+
+def select(args: argparse.Namespace) -> tuple[list[Recipe], tuple[FTConfig, ...]]:
+    """Recipes and configurations chosen by the flags."""
+    ckpt = [s == "on" for s in _split(args.checkpointing, ("off", "on"), "checkpointing")]
+    recipes = our_recipes(_split(args.hvp, HVP_BACKENDS, "hvp"), _split(args.attention, MODES, "attention"),
+                          ckpt, args.weights)
+    if not args.no_reference:
+        recipes.insert(0, REFERENCE)
+    names = [c.name for c in PI_C]
+    configs = PI_C if args.configs == "all" else tuple(
+        c for n in _split(args.configs, names, "configs") for c in PI_C if c.name == n)
+    return recipes, configs
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Trace every recipe x configuration; the result as a JSON-ready dict."""
+    if args.resolution <= 0 or args.batch <= 0 or args.iters < 1 or args.sim_steps < 1 or args.block < 1:
+        raise SystemExit("error: --resolution, --batch, --iters, --sim-steps and --block must be positive")
+    recipes, configs = select(args)
+    shape = StepShape(batch=args.batch, resolution=args.resolution, iters=args.iters, sim_steps=args.sim_steps)
+    try:
+        MODELS[args.model].latent_shape(args.batch, args.resolution)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    est = Estimator(args.model, shape, block=args.block, target=args.target)
+    t0 = time.perf_counter()
+    rows = []
+    for r in recipes:
+        if args.engine == "project":
+            peaks = [est.run_project(r, c) for c in configs]
+        else:
+            peaks = est.run_all(r, configs, memo=not args.no_memo)
+        rows.append({"recipe": asdict(r), "configs": [asdict(p) for p in peaks]})
+    out = {
+        "model": args.model, "resolution": args.resolution, "batch": args.batch, "iters": args.iters,
+        "engine": args.engine, "target": args.target, "block": args.block, "sources": sources(),
+        "rows": rows, "seconds": round(time.perf_counter() - t0, 1),
+    }
+    out["summary"] = summarize(rows)
+    return out
+
+
+def _max(peaks: list[dict], algo: str | None = None) -> int | None:
+    """Largest peak over configurations (of `algo`); None when any of them failed."""
+    vals = [p["peak"] for p in peaks if algo is None or p["config"].startswith(algo + "-")]
+    return None if not vals or any(v is None for v in vals) else max(vals)
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Reference vs the paper's 56 GB, and the best recipe of each HVP backend vs the issue's targets."""
+    s: dict = {}
+    ref = next((r for r in rows if r["recipe"]["name"] == REFERENCE.name), None)
+    if ref is not None and _max(ref["configs"]) is not None:
+        m = _max(ref["configs"])
+        s["reference"] = {"max_bytes": m, "max_lora_bytes": _max(ref["configs"], "lora"),
+                          "paper_gb": PAPER_PEAK_GB, "ratio_to_paper": round(m / (PAPER_PEAK_GB * 1e9), 3)}
+    ours = [r for r in rows if r["recipe"]["name"] != REFERENCE.name]
+    for hvp in HVP_BACKENDS:
+        cand = [(_max(r["configs"], "lora"), r["recipe"]["name"]) for r in ours if r["recipe"]["hvp"] == hvp]
+        cand = [c for c in cand if c[0] is not None]
+        if cand:
+            v, name = min(cand)
+            t = TARGETS_GIB.get(hvp)
+            s[f"best_lora_{hvp}"] = {"recipe": name, "bytes": v, "target_gib": t,
+                                     "meets": None if t is None else v <= t * GIB}
+    whole = [(_max(r["configs"]), r["recipe"]["name"]) for r in ours]
+    whole = [w for w in whole if w[0] is not None]
+    if whole:
+        v, name = min(whole)
+        s["best_whole"] = {"recipe": name, "bytes": v, "target_gib": WHOLE_TARGET_GIB, "meets": v <= WHOLE_TARGET_GIB * GIB}
+    return s
+
+
+def _short(config: str) -> str:
+    algo, optim, loss = config.split("-")
+    return f"{algo[0].upper()}/{optim}" + ("/db" if loss == "dreambooth" else "")
+
+
+def _gib(v: int | None) -> str:
+    return "n/a" if v is None else f"{v / GIB:.2f}"
+
+
+def format_table(out: dict) -> str:
+    """The human-readable report: a table in GiB, failures as footnotes, then the summary."""
+    rows = out["rows"]
+    names = [_short(p["config"]) for p in rows[0]["configs"]] if rows else []
+    w = max([len("recipe")] + [len(r["recipe"]["name"]) for r in rows])
+    lines = [f"Estimated peak GPU memory (GiB) of one outer step: {out['model']}, {out['resolution']} px, "
+             f"batch {out['batch']}, K={out['iters']}, engine {out['engine']} ({out['target']} kernels, "
+             f"{out['block']} B blocks)",
+             "implementations run: " + ", ".join(f"{k}={v}" for k, v in out["sources"].items()), ""]
+    head = f"{'recipe':<{w}} " + " ".join(f"{n:>{max(len(n), 6)}}" for n in names) + "  max-lora  max-all"
+    lines += [head, "-" * len(head)]
+    notes: list[str] = []
+    for r in rows:
+        cells = []
+        for p in r["configs"]:
+            cell = _gib(p["peak"])
+            if p["peak"] is None:
+                if p["error"] not in notes:
+                    notes.append(p["error"])
+                cell += f"[{notes.index(p['error']) + 1}]"
+            cells.append(f"{cell:>{max(len(_short(p['config'])), 6)}}")
+        lines.append(f"{r['recipe']['name']:<{w}} " + " ".join(cells)
+                     + f"  {_gib(_max(r['configs'], 'lora')):>8}  {_gib(_max(r['configs'])):>7}")
+    lines += ["columns: L = LoRA, F = full-parameter fine-tuning; sgd/adam; db = DreamBooth (two forward passes)"]
+    lines += [f"[{i + 1}] {n}" for i, n in enumerate(notes)]
+    s = out["summary"]
+    lines.append("")
+    if "reference" in s:
+        ref = s["reference"]
+        lines.append(f"reference recipe: {ref['max_bytes'] / 1e9:.1f} GB ({_gib(ref['max_bytes'])} GiB) at its "
+                     f"largest configuration; the paper reports {PAPER_PEAK_GB} GB: ratio {ref['ratio_to_paper']:.2f} "
+                     f"(gap {(ref['ratio_to_paper'] - 1) * 100:+.0f}%). LoRA configurations only: "
+                     f"{_gib(ref['max_lora_bytes'])} GiB.")
+    ref_l = _gib(s["reference"]["max_lora_bytes"]) if "reference" in s else "n/a"
+    ref_a = _gib(s["reference"]["max_bytes"]) if "reference" in s else "n/a"
+    for hvp in HVP_BACKENDS:
+        b = s.get(f"best_lora_{hvp}")
+        if b:
+            tgt = "" if b["target_gib"] is None else (f", target <= {b['target_gib']:g} GiB: "
+                                                      + ("met" if b["meets"] else "NOT met"))
+            lines.append(f"LoRA configs, {hvp} HVPs: best {b['recipe']} {_gib(b['bytes'])} GiB "
+                         f"(reference {ref_l}){tgt}")
+    if "best_whole" in s:
+        b = s["best_whole"]
+        lines.append(f"all configs incl. full-parameter: best {b['recipe']} {_gib(b['bytes'])} GiB (reference "
+                     f"{ref_a}), target <= {b['target_gib']:g} GiB: {'met' if b['meets'] else 'NOT met'}")
+    lines.append(f"traced in {out['seconds']:.0f} s")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m resalign_fast.memory`; returns the exit status."""
+    args = parse_args(argv)
+    out = run(args)
+    print(json.dumps(out, indent=1) if args.json else format_table(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,380 @@
+"""Recipes (how one outer step is computed) and the outer step itself, as the planner runs it.
+
+One outer step for one fine-tuning configuration C (METHOD.md Algorithm 2):
+
+1. "grads at theta": first-order gradients of the harmful loss and of the preservation loss at
+   theta (the distillation target comes from one no-grad forward with the adapter disabled: the
+   base weights serve as the frozen original model, no second copy).
+2. "simulate": `sim_steps` plain optimizer steps on the LoRA parameters, or on every UNet
+   parameter for full-parameter configs (their starting values are kept in a copy to restore).
+   DreamBooth configs run two forward passes (instance and prior batch) per step.
+3. "hypergradient": b = lambda * grad L_h(theta*), then Richardson iterations on
+   (I + gamma H) v = b with `make_hvp(..., backend=recipe.hvp)` at theta*.
+
+The project's functions run when they exist (`resalign_fast.hypergrad.make_hvp` and
+`richardson_solve`, `resalign_fast.inner.optim`); the local stand-ins below are used otherwise,
+and `sources()` says which ran. Nothing here reads a tensor's values (the step runs on meta
+tensors too); the planner's own arithmetic never enters the estimate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from resalign_fast.memplan.attn import diff_order, use_attention
+from resalign_fast.memplan.tracker import StorageTracker
+from resalign_fast.memplan.unets import ModelSpec
+
+HVP_BACKENDS = ("exact", "jvp", "fd")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class FTConfig:
+    """The memory-relevant part of a fine-tuning configuration C of pi(C).
+
+    Learning rate and step count do not change the peak (no graph is kept between steps).
+
+    Attributes:
+        algo: "lora" (train theta's LoRA) or "full" (train every UNet parameter).
+        optim: "sgd" or "adam" (two state buffers per parameter).
+        loss: "standard" (one forward per step) or "dreambooth" (instance + prior forward).
+    """
+
+    algo: str
+    optim: str
+    loss: str
+
+    @property
+    def name(self) -> str:
+        """Short label, e.g. "lora-adam-dreambooth"."""
+        return f"{self.algo}-{self.optim}-{self.loss}"
+
+
+PI_C: tuple[FTConfig, ...] = tuple(
+    FTConfig(a, o, l) for a in ("lora", "full") for o in ("sgd", "adam") for l in ("standard", "dreambooth")
+)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How the outer step is computed.
+
+    Attributes:
+        name: label in tables.
+        hvp: HVP backend, "exact" (double backward), "jvp" (forward-over-reverse) or "fd".
+        attention: "math", "chunked" or "fused" (see `resalign_fast.memplan.attn`).
+        checkpointing: diffusers' (non-reentrant) gradient checkpointing of every block.
+        weights: dtype of the frozen base weights ("fp32", "bf16", "fp16"); LoRA stays fp32.
+        split_terms: DreamBooth losses are differentiated one term at a time (gradients
+            accumulate; HVPs are summed term by term, an exact HVP rebuilding its graph per term),
+            instead of holding both forward graphs at once.
+        chunk: query rows per attention chunk.
+    """
+
+    name: str
+    hvp: str
+    attention: str
+    checkpointing: bool
+    weights: str = "fp32"
+    split_terms: bool = True
+    chunk: int = 1024
+
+
+REFERENCE = Recipe("reference", hvp="exact", attention="math", checkpointing=False, split_terms=False)
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """Sizes of one outer step.
+
+    Attributes:
+        batch: images per forward pass.
+        resolution: image side in pixels.
+        iters: Richardson iterations K (K - 1 HVPs from v_0 = 0).
+        sim_steps: simulated optimizer steps (2 reach the steady state; more repeat it).
+        lam, gamma, alpha: ResAlign's lambda, the proximal gamma and the Richardson step.
+    """
+
+    batch: int = 1
+    resolution: int = 512
+    iters: int = 5
+    sim_steps: int = 2
+    lam: float = 0.8
+    gamma: float = 1.0
+    alpha: float = 1.0
+
+
+# -- the project's functions, or stand-ins ---------------------------------------------------
+def _has(mod: str) -> bool:
+    try:
+        return importlib.util.find_spec(mod) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def sources() -> dict[str, str]:
+    """Which implementation each part of the step uses: the project's module or a stand-in."""
+    return {
+        "hvp": "resalign_fast.hypergrad.hvp" if _has("resalign_fast.hypergrad.hvp") else "stand-in",
+        "solver": "resalign_fast.hypergrad.solvers" if _has("resalign_fast.hypergrad.solvers") else "stand-in",
+        "optimizer": "resalign_fast.inner.optim" if _has("resalign_fast.inner.optim") else "torch.optim",
+        "attention": "resalign_fast.models.attention" if _has("resalign_fast.models.attention") else "missing",
+    }
+
+
+def _make_hvp(loss_fn, params, backend):
+    if _has("resalign_fast.hypergrad.hvp"):
+        from resalign_fast.hypergrad.hvp import make_hvp
+
+        return make_hvp(loss_fn, params, backend=backend)
+    raise RuntimeError("resalign_fast.hypergrad.hvp is missing (no stand-in: it landed first)")
+
+
+def _richardson(hvp, b, shape: StepShape) -> list[Tensor]:
+    if _has("resalign_fast.hypergrad.solvers"):
+        from resalign_fast.hypergrad.solvers import richardson_solve
+
+        return richardson_solve(hvp, b, alpha=shape.alpha, gamma=shape.gamma, iters=shape.iters)
+    v = [torch.zeros_like(t) for t in b]  # LOCAL STAND-IN: v_{k+1} = v_k + a (b - v_k - g H v_k)
+    for _ in range(shape.iters):
+        hv = hvp(v)
+        v = [vi + shape.alpha * (bi - vi - shape.gamma * h) for vi, bi, h in zip(v, b, hv)]
+    return v
+
+
+class _Optimizer:
+    """In-place optimizer steps: `resalign_fast.inner.optim` when present, else torch.optim."""
+
+    def __init__(self, name: str, params: list[Tensor]) -> None:
+        self.params = params
+        if _has("resalign_fast.inner.optim"):
+            from resalign_fast.inner import optim
+
+            self._spec = optim.OptimSpec(name, lr=1e-5)
+            self._state = optim.init_state(self._spec, params)
+            self._step = optim.step_
+            self._torch = None
+        else:
+            cls = torch.optim.SGD if name == "sgd" else torch.optim.Adam
+            self._torch = cls(params, lr=1e-5, foreach=False)
+
+    def step(self) -> None:
+        grads = [p.grad for p in self.params]
+        if self._torch is not None:
+            self._torch.step()
+        else:
+            with torch.no_grad():
+                self._step(self._spec, self.params, grads, self._state)
+        for p in self.params:
+            p.grad = None
+
+
+# -- the step ------------------------------------------------------------------------------
+Batch = tuple[Tensor, Tensor, Tensor, Tensor]
+
+
+def make_batch(spec: ModelSpec, shape: StepShape, device: torch.device | str = "cpu") -> Batch:
+    """Cached inputs of one forward: latents, noise, timesteps, prompt embeddings.
+
+    Returns:
+        (x0 (B, 4, r, r), noise (B, 4, r, r), t (B,) int64, emb (B, L, D)); fp32.
+    """
+    lat = spec.latent_shape(shape.batch, shape.resolution)
+    return (torch.randn(lat, device=device), torch.randn(lat, device=device),
+            torch.randint(0, 1000, (shape.batch,), device=device),
+            torch.randn(spec.text_shape(shape.batch), device=device))
+
+
+def _eps(unet, batch: Batch, params: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    x0, noise, t, emb = batch
+    dtype = unet.dtype
+    noisy = (0.9 * x0 + 0.4 * noise).to(dtype)
+    args, kw = (noisy, t), {"encoder_hidden_states": emb.to(dtype), "return_dict": False}
+    out = unet(*args, **kw) if params is None else torch.func.functional_call(unet, params, args, kw)
+    return out[0].float(), noise
+
+
+def denoise_loss(unet, batch: Batch, params: dict[str, Tensor] | None = None) -> Tensor:
+    """Standard denoising loss ||eps_theta(x_t, t, e) - noise||^2 (mean).
+
+    Written as (a - b).square().mean(): F.mse_loss breaks forward-over-reverse HVPs in torch
+    (pytorch/pytorch#123996).
+    """
+    pred, noise = _eps(unet, batch, params)
+    return (pred - noise).square().mean()
+
+
+@contextlib.contextmanager
+def _adapter_disabled(unet) -> Iterator[None]:
+    unet.disable_adapters()
+    try:
+        yield
+    finally:
+        unet.enable_adapters()
+
+
+def _ft_terms(unet, C: FTConfig, ft: Batch, prior: Batch) -> list[Callable[..., Tensor]]:
+    """Loss terms of the fine-tuning objective, each `term(params_dict_or_None) -> loss`."""
+    terms = [lambda p=None: denoise_loss(unet, ft, p)]
+    if C.loss == "dreambooth":
+        terms.append(lambda p=None: denoise_loss(unet, prior, p))
+    return terms
+
+
+def _backward_terms(terms, split: bool) -> None:
+    """Accumulate d(sum of terms)/d(params) into .grad, term by term or all at once."""
+    if split:
+        for term in terms:
+            term().backward()
+    else:
+        sum(term() for term in terms).backward()
+
+
+class OuterStep:
+    """One outer step of `recipe`, phase by phase, on `unet`.
+
+    The phases can also run alone from the state the previous ones leave (`state_before`), which
+    lets the estimator trace each phase once for all the configurations that share it.
+
+    Args:
+        unet: UNet from `build_unet` (LoRA adapter "default" on every attention layer).
+        spec: its model spec (input shapes).
+        recipe: how to compute the step.
+        shape: sizes.
+        tracker: phases are labelled on it when given.
+        device: where inputs are created.
+    """
+
+    def __init__(self, unet, spec: ModelSpec, recipe: Recipe, shape: StepShape,
+                 tracker: StorageTracker | None = None, device: torch.device | str = "cpu") -> None:
+        if recipe.hvp not in HVP_BACKENDS:
+            raise ValueError(f"unknown hvp backend {recipe.hvp!r}; choose one of {HVP_BACKENDS}")
+        self.unet, self.spec, self.recipe, self.shape, self.device = unet, spec, recipe, shape, device
+        self._phase = tracker.phase if tracker is not None else (lambda name: contextlib.nullcontext())
+        self.named = dict(unet.named_parameters())
+        self.lora = [n for n in self.named if "lora_" in n]
+        if recipe.checkpointing:
+            unet.enable_gradient_checkpointing()
+        else:
+            unet.disable_gradient_checkpointing()
+        # cached latents and text embeddings: harmful, preservation, fine-tuning, prior batches
+        self.harm, self.pres, self.ft, self.prior = (make_batch(spec, shape, device) for _ in range(4))
+
+    def _train_names(self, C: FTConfig) -> list[str]:
+        return list(self.named) if C.algo == "full" else self.lora
+
+    def _terms(self, C: FTConfig) -> list[Callable[..., Tensor]]:
+        return _ft_terms(self.unet, C, self.ft, self.prior)
+
+    def attention(self):
+        """Context manager putting the recipe's attention into the UNet."""
+        return use_attention(self.unet, self.recipe.attention, self.recipe.chunk)
+
+    def grads_at_theta(self) -> tuple[list[Tensor], list[Tensor]]:
+        """Phase 1: first-order grads of L_h and of R at theta (adapter off for the teacher)."""
+        unet, theta = self.unet, [self.named[n] for n in self.lora]
+        with self._phase("grads at theta"):
+            g_h = torch.autograd.grad(-denoise_loss(unet, self.harm), theta)
+            with torch.no_grad(), _adapter_disabled(unet):
+                eps0, _ = _eps(unet, self.pres)
+            pred, _ = _eps(unet, self.pres)
+            g_r = torch.autograd.grad((pred - eps0).square().mean(), theta)
+        return list(g_h), list(g_r)
+
+    def simulate(self, C: FTConfig) -> list[Tensor]:
+        """Phase 2: plain optimizer steps from theta; returns the backup of the starting values
+        (a list that `hypergradient` empties once it has restored them)."""
+        params = [self.named[n] for n in self._train_names(C)]
+        terms = self._terms(C)
+        with self._phase("simulate"):
+            backup = [p.detach().clone() for p in params]
+            for p in params:
+                p.requires_grad_(True)
+            opt = _Optimizer(C.optim, params)
+            for _ in range(self.shape.sim_steps):
+                _backward_terms(terms, self.recipe.split_terms and len(terms) > 1)
+                opt.step()
+            del opt
+        return backup
+
+    def hypergradient(self, C: FTConfig, backup: list[Tensor]) -> list[Tensor]:
+        """Phase 3: v_K of (I + gamma H) v = lambda grad L_h at theta*, then restore theta from
+        `backup` (emptied).
+
+        Returns:
+            v_K restricted to theta (LoRA-shaped tensors).
+        """
+        recipe, shape = self.recipe, self.shape
+        train = self._train_names(C)
+        params = [self.named[n] for n in train]
+        fns = [lambda ps, t=t: t(dict(zip(train, ps))) for t in self._terms(C)]
+        with self._phase("hypergradient"):
+            g = torch.autograd.grad(-shape.lam * denoise_loss(self.unet, self.harm), params)
+            with diff_order(1 if recipe.hvp == "fd" else 2):
+                if recipe.split_terms and len(fns) > 1:
+                    def hvp(v: list[Tensor]) -> list[Tensor]:
+                        out = None
+                        for fn in fns:  # one term's graph at a time
+                            hv = _make_hvp(fn, params, recipe.hvp)(v)
+                            out = hv if out is None else [a.add_(b) for a, b in zip(out, hv)]
+                            del hv
+                        return out
+                else:
+                    hvp = _make_hvp(lambda ps: sum(fn(ps) for fn in fns), params, recipe.hvp)
+                v = _richardson(hvp, list(g), shape)
+                del hvp, g
+            with torch.no_grad():
+                for p, b in zip(params, backup):
+                    p.copy_(b)
+            backup.clear()
+            for n, p in zip(train, params):
+                p.requires_grad_("lora_" in n)
+            v_theta = [v[train.index(n)] for n in self.lora]
+            del v
+        return v_theta
+
+    def state_before(self, phase: str, C: FTConfig) -> dict[str, list[Tensor]]:
+        """Tensors alive when `phase` starts in a full step (allocated here, values unset).
+
+        Args:
+            phase: "grads at theta", "simulate" or "hypergradient".
+            C: the configuration.
+
+        Returns:
+            {"grads": the two LoRA-shaped gradients (after phase 1), "backup": starting values
+            of the simulated parameters (before phase 3)}; keep it alive while the phase runs.
+        """
+        theta = [self.named[n] for n in self.lora]
+        state: dict[str, list[Tensor]] = {}
+        if phase in ("simulate", "hypergradient"):
+            state["grads"] = [torch.empty_like(p) for p in theta + theta]
+        if phase == "hypergradient":
+            state["backup"] = [self.named[n].detach().clone() for n in self._train_names(C)]
+            for n in self._train_names(C):
+                self.named[n].requires_grad_(True)
+        return state
+
+    def run(self, C: FTConfig) -> list[Tensor]:
+        """The whole outer step for configuration C; returns the hypergradient on theta."""
+        with self.attention():
+            g_h, g_r = self.grads_at_theta()
+            backup = self.simulate(C)
+            v = self.hypergradient(C, backup)
+            return [(1 - self.shape.lam) * a + b + c for a, b, c in zip(g_h, g_r, v)]
+
+
+def outer_step(unet, spec: ModelSpec, recipe: Recipe, C: FTConfig, shape: StepShape,
+               tracker: StorageTracker | None = None, device: torch.device | str = "cpu") -> list[Tensor]:
+    """Run one outer step of `recipe` for configuration C (see `OuterStep`).
+
+    Returns:
+        The hypergradient on theta (LoRA-shaped tensors).
+    """
+    return OuterStep(unet, spec, recipe, shape, tracker, device).run(C)
