@@ -115,6 +115,9 @@ def validate(cfg: ResAlignConfig) -> ResAlignConfig:
             raise ConfigError(f"{f.name}: {v} is below the minimum {m['lo']}")
         if m.get("hi") is not None and v > m["hi"]:
             raise ConfigError(f"{f.name}: {v} is above the maximum {m['hi']}")
+    if cfg.hvp == "jvp" and cfg.gradient_checkpointing:
+        raise ConfigError("hvp: 'jvp' cannot be combined with gradient_checkpointing (torch.func transforms do not "
+                          "support checkpointing's saved-tensor hooks); use hvp 'exact' or 'fd' with checkpointing")
     return cfg
 
 

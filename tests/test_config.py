@@ -26,7 +26,8 @@ def test_round_trip_through_toml(tmp_path):
 
 @pytest.mark.parametrize("d, key", [({"lamda": 1}, "lamda"), ({"lam": 1.5}, "lam"), ({"solver": "lu"}, "solver"),
                                     ({"outer_steps": 0}, "outer_steps"), ({"iters": 2.5}, "iters"),
-                                    ({"proximal": "maybe"}, "proximal")])
+                                    ({"proximal": "maybe"}, "proximal"),
+                                    ({"hvp": "jvp", "gradient_checkpointing": True}, "checkpointing")])
 def test_bad_values_name_the_key(d, key):
     with pytest.raises(ConfigError, match=key):
         from_dict(d)

@@ -1,0 +1,137 @@
+"""One real ResAlign outer step (`bilevel.ResAlign.step`) per memory recipe, on SD-shaped UNets.
+
+Shared by `bench_outer_step.py` (CPU, pytest-benchmark) and `gpu_outer_step.py` (the GPU table of
+gpu_check.sh). The model is built in memory with random weights: an SD-shaped UNet (any scale), a
+one-layer CLIP text encoder of the right width, and encoded data sets of random latents and text
+embeddings, so the step runs exactly the code users run, with no weights or data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+
+SD14_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                 block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+# SD's block structure scaled down for CPU benchmarks (same levels, attention placement and heads).
+SD_SMALL_UNET = dict(SD14_UNET, sample_size=16, block_out_channels=(32, 64, 128, 128), cross_attention_dim=64,
+                     norm_num_groups=16)
+
+# Reference recipe of the paper: fp32, math attention, double-backward HVPs, no checkpointing.
+RECIPES = {
+    "reference": dict(attention="math", hvp="exact", gradient_checkpointing=False),
+    "lean-exact": dict(attention="auto", hvp="exact", gradient_checkpointing=False),
+    "lean-exact-ckpt": dict(attention="auto", hvp="exact", gradient_checkpointing=True),
+    "lean-jvp": dict(attention="auto", hvp="jvp", gradient_checkpointing=False),
+    "lean-fd": dict(attention="auto", hvp="fd", gradient_checkpointing=False),
+    "lean-fd-ckpt": dict(attention="auto", hvp="fd", gradient_checkpointing=True),
+}
+
+
+def build_model(unet_config: dict, seed: int = 0, text_len: int = 77):
+    """A DiffusionModel with random weights (no VAE: the UNet works on random 'latents')."""
+    from resalign_fast.models.pipeline import DIGITS_SCHEDULER_CONFIG, build_digits_model
+
+    d = unet_config["cross_attention_dim"]
+    return build_digits_model(seed, unet_config, dict(hidden_size=d, intermediate_size=d, num_hidden_layers=1,
+                                                      num_attention_heads=max(1, d // 64), projection_dim=d,
+                                                      max_position_embeddings=text_len))
+
+
+def build_data(model, n: int = 4, seed: int = 0, device="cpu") -> dict:
+    """Encoded D_harmful, D_preserve, D_FT of random latents with random prompts' embeddings."""
+    from resalign_fast.data.encoded import EncodedSet
+
+    g = torch.Generator().manual_seed(seed)
+    c, s = model.unet.config.in_channels, model.unet.config.sample_size
+    emb = model.encode_prompts([f"prompt {i}" for i in range(n)]).to(device)
+    return {k: EncodedSet(torch.randn(n, c, s, s, generator=g).to(device), emb, [""] * n)
+            for k in ("harmful", "preserve", "ft")}
+
+
+def ft_space_file(path: Path, algorithm: str = "lora", loss: str = "standard", optimizer: str = "adam", steps: int = 2) -> Path:
+    """A one-configuration pi(C), so every recipe runs the same configuration."""
+    path.write_text(f'[[configs]]\nlr = 1e-4\nsteps = {steps}\nloss = "{loss}"\nalgorithm = "{algorithm}"\n'
+                    f'optimizer = "{optimizer}"\nbatch_size = 1\n')
+    return path
+
+
+def prepare(recipe: str, unet_config: dict, ft_space: Path, device="cpu", iters: int = 5, seed: int = 0):
+    """A ResAlign ready for outer step 0 with `recipe`. Only the UNet moves to `device`: the text
+    embeddings are precomputed, as in a real run, so the text encoder is not resident."""
+    from resalign_fast.bilevel import ResAlign
+    from resalign_fast.config import ResAlignConfig
+    from resalign_fast.inner.configs import load_ft_space
+
+    cfg = ResAlignConfig(ft_space=str(ft_space), batch_size=1, configs_per_step=1, iters=iters, seed=seed,
+                         max_grad_norm=1e9, **RECIPES[recipe])
+    model = build_model(unet_config, seed)
+    data = build_data(model, device=device)
+    uncond = model.encode_prompts([""]).to(device)
+    model.unet.to(device)
+    return ResAlign(cfg, model, data, load_ft_space(cfg.ft_space), uncond)
+
+
+def run_step(algo):
+    """Outer step 0; returns (StepResult, seconds, the hypergradient handed to AdamW, flattened)."""
+    seen = {}
+    step = algo.opt.step
+
+    def record(*a, **k):
+        seen["g"] = torch.cat([p.grad.detach().flatten() for p in algo.theta])
+        return step(*a, **k)
+
+    algo.opt.step = record
+    t0 = time.perf_counter()
+    res = algo.step(0)
+    if algo.theta[0].is_cuda:
+        torch.cuda.synchronize()
+    return res, time.perf_counter() - t0, seen.get("g")
+
+
+def recipe_table(rows: list[dict]) -> str:
+    """Markdown table of recipe rows (recipe, peak, seconds, ratios, cosine)."""
+    head = "| recipe | peak MiB | peak / reference | seconds | time / reference | update cosine vs reference |\n|---|---|---|---|---|---|\n"
+    return head + "".join(f"| {r['recipe']} | {r['peak'] / 2**20:.1f} | {r['peak_ratio']:.3f} | {r['seconds']:.2f} | "
+                          f"{r['time_ratio']:.2f} | {r['cosine']:.6f} |\n" for r in rows)
+
+
+def compare(unet_config: dict, ft_space: Path, device="cpu", recipes=tuple(RECIPES), measure_peak=None) -> list[dict]:
+    """Run every recipe (the first is the baseline); peak from `measure_peak(algo, fn) -> (fn(), bytes)`."""
+    rows, ref = [], None
+    for name in recipes:
+        algo = prepare(name, unet_config, ft_space, device)
+        (res, dt, g), peak = measure_peak(algo, lambda: run_step(algo))
+        if ref is None:
+            ref = dict(peak=peak, seconds=dt, g=g)
+        cos = torch.nn.functional.cosine_similarity(g.double(), ref["g"].double(), dim=0).item()
+        rows.append(dict(recipe=name, peak=peak, seconds=dt, peak_ratio=peak / ref["peak"],
+                         time_ratio=dt / ref["seconds"], cosine=cos, fallbacks=res.fallbacks, retries=res.retries))
+        del algo
+    return rows
+
+
+def cpu_peak(algo, fn):
+    """(fn(), peak live tensor bytes) by the storage tracker on real CPU tensors, UNet and data included."""
+    from resalign_fast.memplan.tracker import StorageTracker
+
+    with StorageTracker(block=1) as tr:
+        tr.register(list(algo.space.unet.parameters()) + list(algo.space.unet.buffers()))
+        tr.register([t for d in algo.data.values() for t in (d.x0, d.emb)])
+        out = fn()
+    return out, tr.report().peak
+
+
+def cuda_peak(algo, fn):
+    """(fn(), torch.cuda.max_memory_allocated) with the UNet and data resident."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    torch.cuda.synchronize()
+    return out, torch.cuda.max_memory_allocated()
