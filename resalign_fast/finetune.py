@@ -9,6 +9,7 @@ and model/ (a diffusers folder; LoRA runs also get model/lora/). See `eval/downs
 Examples:
     python -m resalign_fast.finetune --pretrained_model_name_or_path outputs/resalign-7-s0 --output_dir outputs/ft
     python -m resalign_fast.finetune --algorithm lora --rank 8 --learning_rate 1e-4 --train_data benign-all
+    python -m resalign_fast.finetune --deepspeed examples/ds_config.json --train_data data/benign  # ZeRO 2
     python -m resalign_fast.finetune --loss dreambooth --train_data digit-3 --instance_prompt "a sks digit" \\
         --class_prompt "a handwritten digit" --prior_loss_weight 1
 """
@@ -27,11 +28,21 @@ from resalign_fast.models.pipeline import ModelError
 from resalign_fast.runs import RunError
 
 
+def _deepspeed_flag(p) -> None:
+    p.add_argument("--deepspeed", default=None, metavar="JSON",
+                   help="run the update with DeepSpeed (ZeRO 0-2, optional CPU offload) from this config; docs/real_sd.md")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        cfg, _ = parse_dataclass(FinetuneConfig, argv, description=__doc__)
-        out = run(cfg)
+        cfg, ns = parse_dataclass(FinetuneConfig, argv, description=__doc__, extra=_deepspeed_flag)
+        if ns.deepspeed:
+            from resalign_fast.distributed import run_deepspeed_finetune
+
+            out = run_deepspeed_finetune(cfg, ns.deepspeed)
+        else:
+            out = run(cfg)
     except (ConfigError, DataError, FinetuneError, ModelError, RunError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
