@@ -124,16 +124,31 @@ def checkpoint_save(ckpt_dir: Path, algo, step: int) -> None:
     tmp.replace(ckpt_dir / CKPT)
 
 
-def checkpoint_load(ckpt_dir: Path, algo) -> int:
-    """Restore the last checkpoint into `algo`; returns the next outer step (0 if none)."""
+def checkpoint_read(ckpt_dir: Path) -> Optional[dict]:
+    """The last checkpoint's contents (weights_only load), or None when there is none.
+
+    Raises:
+        RunError: the file exists but cannot be read as a checkpoint (named).
+    """
     path = ckpt_dir / CKPT
     if not path.is_file():
-        log.warning("--resume: no checkpoint in %s, starting from step 0", ckpt_dir)
-        return 0
+        return None
     try:
         st = torch.load(path, weights_only=True, map_location="cpu")
+        if not (isinstance(st, dict) and {"step", "theta", "opt"} <= set(st)):
+            raise ValueError("missing step/theta/opt")
     except Exception as e:  # unreadable or not a weights-only file: say which
         raise RunError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    return st
+
+
+def checkpoint_load(ckpt_dir: Path, algo, state: Optional[dict] = None) -> int:
+    """Restore the last checkpoint (or `state`, from `checkpoint_read`) into `algo`; returns the next outer step (0 if none)."""
+    path = ckpt_dir / CKPT
+    st = state if state is not None else checkpoint_read(ckpt_dir)
+    if st is None:
+        log.warning("--resume: no checkpoint in %s, starting from step 0", ckpt_dir)
+        return 0
     if len(st["theta"]) != len(algo.theta) or any(a.shape != b.shape for a, b in zip(st["theta"], algo.theta)):
         raise RunError(f"{path}: checkpoint does not match this configuration (different theta)")
     with torch.no_grad():

@@ -23,8 +23,8 @@ import torch
 
 from resalign_fast.config import ConfigError, ResAlignConfig, parse_config, to_toml
 from resalign_fast.distributed import DistContext
-from resalign_fast.runs import (RunError, check_resume_config, checkpoint_load, checkpoint_save, export_run, load_data,
-                                pick_device, sample_grid, setting, truncate_metrics, write_atomic)
+from resalign_fast.runs import (RunError, check_resume_config, checkpoint_load, checkpoint_read, checkpoint_save, export_run,
+                                load_data, pick_device, sample_grid, setting, truncate_metrics, write_atomic)
 
 log = logging.getLogger("resalign_fast.train")
 
@@ -47,8 +47,10 @@ def run(cfg: ResAlignConfig, dist: Optional[DistContext] = None) -> Path:
     ckpt_dir = out / "checkpoints"
     if out.exists() and any(out.iterdir()) and not cfg.resume:
         raise RunError(f"{out} exists and is not empty: pass --resume to continue it, or another --run_name")
+    state = None
     if cfg.resume:
         check_resume_config(out, cfg)
+        state = checkpoint_read(ckpt_dir)  # a damaged checkpoint is an error before anything is written
     ft_space = load_ft_space(cfg.ft_space)
     model = load_model(cfg.pretrained_model_name_or_path, device=device, frozen_dtype=setting(cfg, "frozen_dtype"),
                        allow_pickle=setting(cfg, "allow_pickle"), single_file_config=setting(cfg, "single_file_config") or None)
@@ -58,7 +60,8 @@ def run(cfg: ResAlignConfig, dist: Optional[DistContext] = None) -> Path:
     if dist.is_main:
         dist.barrier()
         out.mkdir(parents=True, exist_ok=True)
-        write_atomic(out / "config.toml", to_toml(cfg))
+        if not (out / "config.toml").is_file():  # a resumed run keeps its record
+            write_atomic(out / "config.toml", to_toml(cfg))
     uncond = model.encode_prompts([""]).to(device).float()
     harm_prompts, benign_prompts = data.pop("_sample_prompts")
     if dist.is_main and cfg.samples_per_prompt and not (out / "samples_before.png").exists():
@@ -67,7 +70,7 @@ def run(cfg: ResAlignConfig, dist: Optional[DistContext] = None) -> Path:
     algo = ResAlign(cfg, model, data, ft_space, uncond, dist=dist)
     start = 0
     if cfg.resume:
-        start = checkpoint_load(ckpt_dir, algo)
+        start = checkpoint_load(ckpt_dir, algo, state)
         if dist.is_main:
             truncate_metrics(out / "metrics.jsonl", start)
         log.info("resumed at outer step %d", start)

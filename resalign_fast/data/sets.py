@@ -18,6 +18,7 @@ log = logging.getLogger("resalign_fast.data")
 
 CAPTION_COLUMNS = ("text", "caption", "prompt")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+_CONVERTIBLE = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "La", "RGBa"}
 
 
 class DataError(ValueError):
@@ -68,20 +69,25 @@ def read_metadata(folder: Path) -> list[tuple[str, str]]:
         raise DataError(f"{folder}: not a directory")
     if not meta.is_file():
         raise DataError(f"{meta}: missing (an image folder needs metadata.csv with file_name and text columns)")
-    with open(meta, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        cols = reader.fieldnames or []
-        if "file_name" not in cols:
-            raise DataError(f"{meta}: no 'file_name' column (columns: {cols})")
-        cap = next((c for c in CAPTION_COLUMNS if c in cols), None)
-        if cap is None:
-            raise DataError(f"{meta}: no caption column, expected one of {CAPTION_COLUMNS} (columns: {cols})")
-        rows = []
-        for line, row in enumerate(reader, start=2):
-            name, text = (row.get("file_name") or "").strip(), row.get(cap)
-            if not name or text is None:
-                raise DataError(f"{meta}:{line}: malformed row {row}")
-            rows.append((name, text.strip()))
+    try:
+        with open(meta, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            cols = reader.fieldnames or []
+            if "file_name" not in cols:
+                raise DataError(f"{meta}: no 'file_name' column (columns: {cols})")
+            cap = next((c for c in CAPTION_COLUMNS if c in cols), None)
+            if cap is None:
+                raise DataError(f"{meta}: no caption column, expected one of {CAPTION_COLUMNS} (columns: {cols})")
+            rows = []
+            for row in reader:
+                name, text = (row.get("file_name") or "").strip(), row.get(cap)
+                if not name or text is None or None in row:  # None key: more fields than columns
+                    raise DataError(f"{meta}:{reader.line_num}: malformed row {row}")
+                rows.append((name, text.strip()))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{meta}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except csv.Error as e:
+        raise DataError(f"{meta}: malformed CSV: {e}") from None
     if not rows:
         raise DataError(f"{meta}: no rows")
     return rows
@@ -90,13 +96,19 @@ def read_metadata(folder: Path) -> list[tuple[str, str]]:
 def load_image(path: Path, resolution: int, channels: int) -> torch.Tensor:
     """One image as (channels, resolution, resolution) float32 in [-1, 1].
 
-    Converts the mode (RGBA, palette, greyscale) to `channels` and resizes (shorter side to
+    Converts the mode (RGBA, palette, greyscale, CMYK, 16-bit greyscale) to `channels` (alpha is
+    dropped, as the diffusers scripts do) and resizes (shorter side to
     `resolution`, then a centre crop), as the diffusers training scripts do.
     """
+    import numpy as np
     from PIL import Image
 
     with Image.open(path) as im:
         im.load()
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit greyscale: scale to 8 bits (convert would clip)
+            im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257.0).clip(0, 255).round().astype(np.uint8))
+        elif im.mode not in _CONVERTIBLE:
+            raise ValueError(f"unsupported image mode {im.mode}")
         im = im.convert("L" if channels == 1 else "RGB")
         w, h = im.size
         s = resolution / min(w, h)
@@ -118,7 +130,7 @@ def load_image_folder(folder: str | Path, resolution: int, channels: int = 3) ->
     Raises:
         DataError: missing folder or metadata, malformed metadata, no usable image.
     """
-    from PIL import UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
 
     folder = Path(folder)
     rows = read_metadata(folder)
@@ -133,10 +145,12 @@ def load_image_folder(folder: str | Path, resolution: int, channels: int = 3) ->
             prompts.append(text)
         except FileNotFoundError:
             skipped.append((name, "file not found"))
-        except (UnidentifiedImageError, OSError, ValueError) as e:
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
             skipped.append((name, f"unreadable image: {e}"))
     for name, why in skipped:
         log.warning("%s: skipped %s (%s)", folder, name, why)
+    if skipped:
+        log.warning("%s: skipped %d of %d images listed in metadata.csv", folder, len(skipped), len(rows))
     if not images:
         raise DataError(f"{folder}: no usable image among {len(rows)} rows of metadata.csv")
     return PromptImageSet(images=torch.stack(images), prompts=prompts, skipped=skipped)
