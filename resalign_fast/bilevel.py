@@ -176,6 +176,12 @@ class ResAlign:
         res = StepResult(step=s, harmful=lh.item(), preserve=r.item(), w_r=w_r)
         configs = self.ft_space.sample(cfg.configs_per_step, gen)
         res.configs = [c.short() for c in configs]
+        if not (math.isfinite(res.harmful) and math.isfinite(res.preserve) and all(torch.isfinite(d).all() for d in direct)):
+            # the same on every rank (no collective is skipped by one rank only)
+            self._fault(res, f"outer step {s}: non-finite L_h {res.harmful}, R {res.preserve} or direct gradient "
+                             f"at theta (configs {res.configs})")
+            res.seconds = time.time() - t0
+            return res
         local, stats = {}, {}
         for i in self.dist.indices(len(configs)):
             st = stats[i] = {"lh_star": None, "retries": 0, "fallback": False, "fault": ""}
@@ -199,10 +205,7 @@ class ResAlign:
         if faults or not (math.isfinite(res.hypergrad_norm) and math.isfinite(res.harmful) and math.isfinite(res.preserve)):
             msg = (f"outer step {s}: non-finite value (harmful {res.harmful}, preserve {res.preserve}, "
                    f"||g|| {res.hypergrad_norm}; configs {res.configs}{'; ' + '; '.join(faults) if faults else ''})")
-            if cfg.nan_policy == "abort":
-                raise NumericalError(msg)
-            log.error("%s: step skipped, theta unchanged", msg)
-            res.skipped = True
+            self._fault(res, msg)
         else:
             for p, x in zip(self.theta, g):
                 p.grad = x.to(p.dtype)
@@ -213,6 +216,13 @@ class ResAlign:
         res.seconds = time.time() - t0
         res.peak_memory_bytes = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
         return res
+
+    def _fault(self, res: StepResult, msg: str) -> None:
+        """A non-finite value in outer step res.step: raise (nan_policy abort) or log and mark it skipped."""
+        if self.cfg.nan_policy == "abort":
+            raise NumericalError(msg)
+        log.error("%s: step skipped, theta unchanged", msg)
+        res.skipped = True
 
     def _config_hypergrad(self, c, theta, direct, hb, gen, st):
         """Hypergradient of one sampled configuration C: returns (g_C, GuardInfo or None).
