@@ -148,3 +148,25 @@ def test_frozen_bf16_encoding_cache_and_export(tiny_sd_dir, tmp_path, caplog):
     assert _same_safetensors(tiny_sd_dir / "vae" / "diffusion_pytorch_model.safetensors",
                              tmp_path / "exp" / "vae" / "diffusion_pytorch_model.safetensors")
     assert load_model(tmp_path / "exp").vae.dtype == torch.float32
+
+
+def test_single_file_goes_through_diffusers_offline(tiny_sd_dir, tmp_path, monkeypatch):
+    """Our wrapper of diffusers' single-file loader: offline, with the local config folder, and its
+    result used as a latent SD model. (A real single-file round trip needs an LDM-format checkpoint.)"""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
+
+    ckpt = tmp_path / "sd.safetensors"
+    save_file({"w": torch.zeros(1)}, str(ckpt))
+    seen = {}
+
+    def fake(path, **kw):
+        seen.update(kw, path=path)
+        return StableDiffusionPipeline.from_pretrained(tiny_sd_dir, local_files_only=True)
+
+    monkeypatch.setattr(StableDiffusionPipeline, "from_single_file", staticmethod(fake))
+    m = load_model(ckpt, single_file_config=str(tiny_sd_dir))
+    assert seen["path"] == str(ckpt) and seen["local_files_only"] is True and seen["config"] == str(tiny_sd_dir)
+    assert seen["safety_checker"] is None
+    assert m.resolution == RES and m.image_channels == 3 and m.scheduler_class == "PNDMScheduler"
+    assert type(m.scheduler).__name__ == "DDPMScheduler" and m.source == str(ckpt) and m.fingerprint
