@@ -96,7 +96,7 @@ def run_step(algo):
 
 def recipe_table(rows: list[dict]) -> str:
     """Markdown table of recipe rows (recipe, peak, seconds, ratios, cosine)."""
-    head = "| recipe | peak MiB | peak / reference | seconds | time / reference | update cosine vs reference |\n|---|---|---|---|---|---|\n"
+    head = "| recipe | peak MiB | peak / reference | seconds | time / reference | hypergradient cosine vs reference |\n|---|---|---|---|---|---|\n"
     return head + "".join(f"| {r['recipe']} | {r['peak'] / 2**20:.1f} | {r['peak_ratio']:.3f} | {r['seconds']:.2f} | "
                           f"{r['time_ratio']:.2f} | {r['cosine']:.6f} |\n" for r in rows)
 

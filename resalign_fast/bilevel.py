@@ -21,6 +21,7 @@ from resalign_fast.distributed import DistContext
 from resalign_fast.hypergrad import guarded_hypergrad, make_hvp, unrolled_hypergrad
 from resalign_fast.inner.configs import FTSpace
 from resalign_fast.inner.simulate import ft_batch, ft_loss, inner_problem, optim_spec, simulate_finetune
+from resalign_fast.models.checkpointing import enable_checkpointing
 from resalign_fast.models.lora import ParamSpace, add_lora, adapters_disabled, base_names, lora_names
 from resalign_fast.objectives import NoisyBatch, esd_target, ga_loss, make_noisy_batch, sigmoid_ramp, target_loss
 
@@ -91,7 +92,7 @@ class ResAlign:
         unet = model.unet
         self._setup_attention(unet)
         if cfg.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
+            enable_checkpointing(unet)
         if cfg.theta == "lora":
             add_lora(unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_init, cfg.lora_placement)
             self.space = ParamSpace(unet, lora_names(unet), adapters=True)
@@ -252,12 +253,15 @@ class ResAlign:
             return [d + x for d, x in zip(direct, v)], None
         batch = ft_batch(c, self.data["ft"], prior, self.alphas, gen)
         second = cfg.hvp != "fd"
+        # The attention mode must hold through the backward passes too: checkpointed blocks are
+        # recomputed there and must run the same attention as in their forward.
+        with _attention_ctx(cfg, second):
+            hvp_at = make_hvp(lambda phi: ft_loss(prob.space, phi, c, batch), [p.detach() for p in phi_star], backend=cfg.hvp)
 
-        def loss_fn(phi):
+        def hvp(v):
             with _attention_ctx(cfg, second):
-                return ft_loss(prob.space, phi, c, batch)
+                return hvp_at(v)
 
-        hvp = make_hvp(loss_fn, [p.detach() for p in phi_star], backend=cfg.hvp)
         return guarded_hypergrad(list(direct), b, hvp, alpha=cfg.alpha, gamma=cfg.gamma, iters=cfg.iters,
                                  max_grad_norm=cfg.max_grad_norm, max_retries=cfg.max_retries,
                                  solver=cfg.solver, pullback=prob.pullback)
