@@ -256,3 +256,42 @@ def test_non_finite_theta_is_never_checkpointed(tmp_path):
     with pytest.raises(RunError, match="NaN or inf"):
         checkpoint_save(tmp_path, Algo(), 3)
     assert not list(tmp_path.iterdir())
+
+
+# --- prepare_data --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("content, name, msg", [
+    (None, "p.csv", "no such prompt file"),
+    ("id,label\n1,x\n", "p.csv", "no prompt column one of ('prompt', 'text', 'caption')"),
+    ("prompt\n\n \n", "p.csv", "no prompts"),
+    (b"caf\xe9\n", "p.txt", "not UTF-8"),
+])
+def test_prepare_data_bad_prompts_one_message(tiny_model_dir, tmp_path, capsys, content, name, msg):
+    from resalign_fast import prepare_data
+
+    f = tmp_path / name
+    if content is not None:
+        f.write_bytes(content if isinstance(content, bytes) else content.encode())
+    argv = ["--prompts", str(f), "--out", str(tmp_path / "out"), "--pretrained_model_name_or_path", str(tiny_model_dir)]
+    assert prepare_data.main(argv) == 2
+    err = capsys.readouterr().err
+    assert name in err and msg in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_prepare_data_keeps_existing_output_and_resumes_exactly(tiny_model_dir, tmp_path, capsys):
+    from resalign_fast import prepare_data
+
+    (tmp_path / "p.txt").write_text("a digit one\na digit two\na digit three\n")
+    argv = ["--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "out"), "--pretrained_model_name_or_path",
+            str(tiny_model_dir), "--steps", "2", "--guidance", "1", "--batch_size", "2", "--device", "cpu"]
+    assert prepare_data.main(argv) == 0
+    before = _snapshot(tmp_path / "out")
+    assert prepare_data.main(argv) == 2 and "not empty" in capsys.readouterr().err  # never overwritten
+    assert _snapshot(tmp_path / "out") == before
+    assert prepare_data.main(argv + ["--resume", "--seed", "1"]) == 2 and "seed" in capsys.readouterr().err
+    (tmp_path / "out" / "000002.png").unlink()  # as if killed during the second batch
+    assert prepare_data.main(argv + ["--resume"]) == 0
+    assert "(1 images generated)" in capsys.readouterr().out
+    assert _snapshot(tmp_path / "out") == before  # the regenerated image is bit-identical
+    s = load_image_folder(tmp_path / "out", 16, 1)
+    assert s.prompts == ["a digit one", "a digit two", "a digit three"] and not s.skipped
