@@ -148,3 +148,18 @@ def test_cli_smoke(tiny_model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--output_dir", str(tmp_path / "x"), "--optimizer", "lion"])
     assert main(["--output_dir", str(tmp_path / "y"), "--pretrained_model_name_or_path", str(tmp_path / "none")]) == 2
+
+
+def test_config_roundtrip_and_ranges(tmp_path):
+    from resalign_fast.eval.cliconf import dump_toml, parse_dataclass
+
+    cfg = _cfg(instance_prompt='a "sks" digit \\ one', learning_rate=3e-4, gradient_checkpointing=True)
+    (tmp_path / "c.toml").write_text(dump_toml(cfg))
+    back, _ = parse_dataclass(FinetuneConfig, ["--config", str(tmp_path / "c.toml")])
+    assert back == cfg
+    flag, _ = parse_dataclass(FinetuneConfig, ["--config", str(tmp_path / "c.toml"), "--learning_rate", "1e-3"])
+    assert flag.learning_rate == 1e-3 and flag.instance_prompt == cfg.instance_prompt
+    with pytest.raises(ConfigError, match="learning_rate"):
+        _cfg(learning_rate=-1)
+    with pytest.raises(ConfigError, match="unknown"):
+        _cfg(lr=1e-3)

@@ -10,9 +10,25 @@ import argparse
 import dataclasses
 from typing import Any, Callable, Optional, TypeVar
 
-from resalign_fast.config import ConfigError, _coerce, build_parser, load_toml, validate
+from resalign_fast.config import ConfigError, _coerce, build_parser, load_toml
 
 T = TypeVar("T")
+
+
+def validate_fields(cfg: T) -> T:
+    """Check every field against its `_f` metadata (choices, lo, hi); returns cfg.
+
+    (`config.validate` also checks ResAlignConfig-only combinations, so it is not generic.)
+    """
+    for f in dataclasses.fields(cfg):
+        v, m = getattr(cfg, f.name), f.metadata
+        if m.get("choices") and v not in m["choices"]:
+            raise ConfigError(f"{f.name}: {v!r} is not one of {m['choices']}")
+        if m.get("lo") is not None and v < m["lo"]:
+            raise ConfigError(f"{f.name}: {v} is below the minimum {m['lo']}")
+        if m.get("hi") is not None and v > m["hi"]:
+            raise ConfigError(f"{f.name}: {v} is above the maximum {m['hi']}")
+    return cfg
 
 
 def config_from_dict(cls: type[T], d: dict, base: Optional[T] = None, source: str = "config") -> T:
@@ -26,7 +42,7 @@ def config_from_dict(cls: type[T], d: dict, base: Optional[T] = None, source: st
     unknown = sorted(set(d) - set(known))
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {unknown}")
-    return validate(dataclasses.replace(base, **{k: _coerce(known[k], v) for k, v in d.items()}))
+    return validate_fields(dataclasses.replace(base, **{k: _coerce(known[k], v) for k, v in d.items()}))
 
 
 def parse_dataclass(cls: type[T], argv: Optional[list[str]] = None, description: str = "",
