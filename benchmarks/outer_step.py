@@ -8,7 +8,6 @@ embeddings, so the step runs exactly the code users run, with no weights or data
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 
@@ -35,7 +34,7 @@ RECIPES = {
 
 def build_model(unet_config: dict, seed: int = 0, text_len: int = 77):
     """A DiffusionModel with random weights (no VAE: the UNet works on random 'latents')."""
-    from resalign_fast.models.pipeline import DIGITS_SCHEDULER_CONFIG, build_digits_model
+    from resalign_fast.models.pipeline import build_digits_model
 
     d = unet_config["cross_attention_dim"]
     return build_digits_model(seed, unet_config, dict(hidden_size=d, intermediate_size=d, num_hidden_layers=1,
@@ -106,7 +105,7 @@ def compare(unet_config: dict, ft_space: Path, device="cpu", recipes=tuple(RECIP
     rows, ref = [], None
     for name in recipes:
         algo = prepare(name, unet_config, ft_space, device)
-        (res, dt, g), peak = measure_peak(algo, lambda: run_step(algo))
+        (res, dt, g), peak = measure_peak(algo, lambda a=algo: run_step(a))
         if ref is None:
             ref = dict(peak=peak, seconds=dt, g=g)
         cos = torch.nn.functional.cosine_similarity(g.double(), ref["g"].double(), dim=0).item()

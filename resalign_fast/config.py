@@ -42,6 +42,9 @@ class ResAlignConfig:
     run_name: str = _f("", "run folder name under output_dir (empty: resalign-<concept>-s<seed>)")
     seed: int = _f(0, "seed of everything", lo=0)
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
+    frozen_dtype: str = _f("fp32", "dtype of the frozen VAE, text encoder and original-UNet copy (bf16/fp16 save GPU memory)", choices=("fp32", "bf16", "fp16"))
+    allow_pickle: bool = _f(False, "also read pickled .bin/.ckpt weights (torch.load weights_only=True); safetensors only otherwise")
+    single_file_config: str = _f("", "local diffusers folder with the component configs of a single-file checkpoint")
     # theta
     theta: str = _f("lora", "trainable unlearning parameters", choices=("lora", "full"))
     lora_rank: int = _f(4, "LoRA rank of theta", lo=1)
@@ -115,7 +118,7 @@ def validate(cfg: ResAlignConfig) -> ResAlignConfig:
             raise ConfigError(f"{f.name}: {v} is below the minimum {m['lo']}")
         if m.get("hi") is not None and v > m["hi"]:
             raise ConfigError(f"{f.name}: {v} is above the maximum {m['hi']}")
-    if cfg.hvp == "jvp" and cfg.gradient_checkpointing:
+    if getattr(cfg, "hvp", None) == "jvp" and getattr(cfg, "gradient_checkpointing", False):
         raise ConfigError("hvp: 'jvp' cannot be combined with gradient_checkpointing (torch.func transforms do not "
                           "support checkpointing's saved-tensor hooks); use hvp 'exact' or 'fd' with checkpointing")
     return cfg

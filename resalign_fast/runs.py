@@ -6,7 +6,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
@@ -16,7 +16,6 @@ log = logging.getLogger("resalign_fast.runs")
 CKPT = "last.pt"
 # Settings that issue 6 asks config.py to carry (frozen parts' dtype, pickled weights, single-file
 # configs); until ResAlignConfig has these fields, these defaults apply.
-PENDING_FIELDS: dict[str, Any] = {"frozen_dtype": "fp32", "allow_pickle": False, "single_file_config": ""}
 # Settings a resumed run may change: they do not affect the weights.
 RESUME_MAY_CHANGE = {"resume", "progress", "device", "checkpoint_every", "nan_policy", "samples_per_prompt",
                      "sample_steps", "guidance", "output_dir", "run_name"}
@@ -24,11 +23,6 @@ RESUME_MAY_CHANGE = {"resume", "progress", "device", "checkpoint_every", "nan_po
 
 class RunError(RuntimeError):
     """A run that cannot start or continue as asked; the message says why."""
-
-
-def setting(cfg: ResAlignConfig, name: str) -> Any:
-    """cfg.<name>, or its PENDING_FIELDS default while config.py lacks the field."""
-    return getattr(cfg, name, PENDING_FIELDS[name])
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -24,7 +24,7 @@ import torch
 from resalign_fast.config import ConfigError, ResAlignConfig, parse_config, to_toml
 from resalign_fast.distributed import DistContext
 from resalign_fast.runs import (RunError, check_resume_config, checkpoint_load, checkpoint_read, checkpoint_save, export_run,
-                                load_data, pick_device, sample_grid, setting, truncate_metrics, write_atomic)
+                                load_data, pick_device, sample_grid, truncate_metrics, write_atomic)
 
 log = logging.getLogger("resalign_fast.train")
 
@@ -52,8 +52,8 @@ def run(cfg: ResAlignConfig, dist: Optional[DistContext] = None) -> Path:
         check_resume_config(out, cfg)
         state = checkpoint_read(ckpt_dir)  # a damaged checkpoint is an error before anything is written
     ft_space = load_ft_space(cfg.ft_space)
-    model = load_model(cfg.pretrained_model_name_or_path, device=device, frozen_dtype=setting(cfg, "frozen_dtype"),
-                       allow_pickle=setting(cfg, "allow_pickle"), single_file_config=setting(cfg, "single_file_config") or None)
+    model = load_model(cfg.pretrained_model_name_or_path, device=device, frozen_dtype=cfg.frozen_dtype,
+                       allow_pickle=cfg.allow_pickle, single_file_config=cfg.single_file_config or None)
     if not dist.is_main:
         dist.barrier()  # rank 0 encodes first and fills the cache; the others read it
     data = load_data(cfg, model, device)

@@ -49,3 +49,7 @@ def tiny_ft_space(tmp_path_factory):
     p.write_text('[space]\nlr = [1e-3]\nsteps = [2]\nloss = ["standard", "dreambooth"]\n'
                  'algorithm = ["full", "lora"]\noptimizer = ["sgd", "adam"]\n[fixed]\nbatch_size = 2\n')
     return p
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "deepspeed: DeepSpeed smoke tests (JIT-build an op on first use)")

@@ -1,6 +1,6 @@
 import torch
 
-from resalign_fast.objectives import (NoisyBatch, denoising_loss, dreambooth_loss, esd_target, ga_loss,
+from resalign_fast.objectives import (denoising_loss, dreambooth_loss, esd_target, ga_loss,
                                       make_noisy_batch, sigmoid_ramp, target_loss)
 
 

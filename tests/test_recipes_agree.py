@@ -5,7 +5,6 @@ lean attention processor (fused first order, chunked second order), jvp / fd HVP
 checkpointing. One outer-step hypergradient of one fine-tuning configuration, same batches.
 """
 
-import dataclasses
 
 import pytest
 import torch

@@ -174,11 +174,9 @@ def test_single_file_goes_through_diffusers_offline(tiny_sd_dir, tmp_path, monke
 
 def test_bf16_frozen_parts_in_training_with_full_theta(tiny_sd_dir, tiny_ft_space, tmp_path, monkeypatch):
     """frozen_dtype bf16 through train: VAE/text encoder and full theta's frozen UNet copy in bf16 (ESD
-    needs that copy), finite training, fp32 files exported. The setting comes from runs.PENDING_FIELDS
-    until config.py has the field."""
+    needs that copy), finite training, fp32 files exported."""
     from PIL import Image
 
-    from resalign_fast import runs
 
     g = torch.Generator().manual_seed(0)
     data = tmp_path / "data"
@@ -186,7 +184,6 @@ def test_bf16_frozen_parts_in_training_with_full_theta(tiny_sd_dir, tiny_ft_spac
     for i in range(3):
         Image.fromarray((torch.rand(RES, RES, 3, generator=g) * 255).byte().numpy()).save(data / f"{i}.png")
     (data / "metadata.csv").write_text("file_name,text\n" + "".join(f"{i}.png,thing {i}\n" for i in range(3)))
-    monkeypatch.setitem(runs.PENDING_FIELDS, "frozen_dtype", "bf16")
     seen = {}
     real_load = train.load_data
 
@@ -197,7 +194,7 @@ def test_bf16_frozen_parts_in_training_with_full_theta(tiny_sd_dir, tiny_ft_spac
     monkeypatch.setattr(train, "load_data", spy)
     args = ["--pretrained_model_name_or_path", str(tiny_sd_dir), "--harmful_data", str(data), "--preserve_data", str(data),
             "--ft_data", str(data), "--ft_space", str(tiny_ft_space), "--output_dir", str(tmp_path / "out"),
-            "--run_name", "r", "--outer_steps", "1", "--configs_per_step", "1", "--batch_size", "2", "--iters", "1",
+            "--run_name", "r", "--frozen_dtype", "bf16", "--outer_steps", "1", "--configs_per_step", "1", "--batch_size", "2", "--iters", "1",
             "--theta", "full", "--harmful_loss", "esd", "--samples_per_prompt", "0", "--no-progress", "--device", "cpu"]
     assert train.main(args) == 0
     assert seen["dtypes"] == (torch.bfloat16, torch.bfloat16, torch.float32)
