@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from resalign_fast.memplan.estimate import Estimator, measure
 from resalign_fast.memplan.meta import MetaOpCache, reference_ops, sdpa_as
-from resalign_fast.memplan.recipes import PI_C, REFERENCE, Recipe, StepShape
+from resalign_fast.memplan import recipes as recipes_mod
+from resalign_fast.memplan.recipes import PI_C, REFERENCE, Recipe, StepShape, outer_step
 from resalign_fast.memplan.tracker import StorageTracker
 from resalign_fast.memplan.unets import MODELS, SD_V1_4_UNET, build_unet
 
@@ -108,6 +109,40 @@ def test_estimate_within_15_percent_of_measured_peak(recipe, config):
     assert abs(est.peak - measured["allocator"]) <= 0.15 * measured["allocator"], (est.peak, measured)
 
 
+def test_lean_prototype_estimate_vs_measured_minus_host_backup():
+    # the prototype keeps W0 in host memory: the CPU allocator counts it, the GPU estimate must not
+    lean = Recipe("lean", hvp="fd", attention="fused", checkpointing=True, lean_full=True)
+    c = CONFIGS["full-adam-dreambooth"]
+    est = Estimator(TINY, SHAPE, block=1, target="cpu").run(lean, c)
+    unet = build_unet(TINY)
+    host = sum(p.numel() * p.element_size() for p in unet.parameters())
+    measured = measure(unet, TINY, lean, c, SHAPE)["allocator"] - host
+    assert abs(est.peak - measured) <= 0.15 * measured, (est.peak, measured)
+
+
+def test_recipes_compute_the_same_hypergradient(monkeypatch):
+    """fp64, tiny UNet: every recipe's hypergradient matches the reference recipe's (exact double
+    backward, math attention): exact and jvp to rounding, fd to its O(eps^2) truncation."""
+    make = recipes_mod.make_batch
+    monkeypatch.setattr(recipes_mod, "make_batch", lambda *a, **k: tuple(
+        t.double() if t.is_floating_point() else t for t in make(*a, **k)))
+    torch.manual_seed(0)
+    unet = build_unet(TINY).double()
+
+    def hypergrad(recipe, config):
+        torch.manual_seed(1)  # same batches for every recipe
+        return torch.cat([g.flatten() for g in outer_step(unet, TINY, recipe, CONFIGS[config], SHAPE)])
+
+    for config in ("full-sgd-dreambooth", "lora-adam-standard"):
+        ref = hypergrad(REFERENCE, config)
+        for recipe, tol in [(Recipe("e", "exact", "chunked", True, chunk=16), 1e-10),
+                            (Recipe("j", "jvp", "fused", False), 1e-10),
+                            (Recipe("f", "fd", "fused", True), 1e-3),
+                            (Recipe("l", "fd", "fused", True, lean_full=True), 1e-3)]:
+            err = float((hypergrad(recipe, config) - ref).norm() / ref.norm())
+            assert err < tol, (recipe.name, config, err)
+
+
 def test_phase_memo_equals_whole_trace():
     est = Estimator(TINY, SHAPE, block=512)
     for recipe, config in [(REFERENCE, "full-adam-dreambooth"),
@@ -128,7 +163,8 @@ def test_cli_json(capsys):
     from resalign_fast.memory import main
 
     assert main(["--model", "tiny", "--resolution", "8", "--hvp", "fd", "--attention", "fused",
-                 "--checkpointing", "on", "--configs", "lora-sgd-standard", "--iters", "2", "--json"]) == 0
+                 "--checkpointing", "on", "--configs", "lora-sgd-standard", "--iters", "2", "--no-prototype",
+                 "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     names = [r["recipe"]["name"] for r in out["rows"]]
     assert names == ["reference", "fd/fused/ckpt"]

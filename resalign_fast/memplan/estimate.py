@@ -73,10 +73,12 @@ class Estimator:
                 self._unets[weights] = build_unet(self.spec, dtype=DTYPES[weights])
         return self._unets[weights]
 
-    def _trace(self, recipe: Recipe, fn) -> tuple[object, float]:
+    def _trace(self, recipe: Recipe, fn, explain_at: int | None = None) -> tuple[object, float]:
         """Run fn(unet, tracker) on the meta UNet under a fresh tracker; (report, seconds)."""
         unet = self.unet(recipe.weights)
-        tracker = StorageTracker(self.block, fake_scalars=True, run_op=self._cache if self.cache else None)
+        tracker = StorageTracker(self.block, fake_scalars=True, run_op=self._cache if self.cache else None,
+                                 explain_at=explain_at)
+        self.last_tracker = tracker
         t0 = time.perf_counter()
         try:
             with reference_ops(), sdpa_as(self.target), tracker:
@@ -97,6 +99,24 @@ class Estimator:
             return ConfigPeak(config.name, None, error=_why(e))
         return ConfigPeak(config.name, rep.peak, rep.peak_phase, _phase_peaks(rep.phases),
                           module_bytes(self.unet(recipe.weights), self.block), seconds=sec)
+
+    def explain(self, recipe: Recipe, config: FTConfig, top: int = 12) -> list[tuple[str, int, int]]:
+        """What is live at the peak of `recipe` on `config`: the `top` groups of storages by the
+        operator (and phase), shape and dtype that allocated them, largest first.
+
+        Returns:
+            [(label, count, bytes)]; "registered" labels the UNet's weights and buffers.
+        """
+        peak = self.run(recipe, config)
+        if peak.peak is None:
+            raise RuntimeError(f"{recipe.name} on {config.name} does not run: {peak.error}")
+
+        def fn(unet, tracker):
+            outer_step(unet, self.spec, recipe, config, self.shape, tracker, device="meta")
+
+        self._trace(recipe, fn, explain_at=peak.peak)
+        snap = self.last_tracker.snapshot or {}
+        return sorted(((k, n, b) for k, (n, b) in snap.items()), key=lambda x: -x[2])[:top]
 
     def run_phases(self, recipe: Recipe, config: FTConfig) -> ConfigPeak:
         """Like `run`, but each phase is traced alone, from the state the earlier phases leave,
@@ -173,7 +193,8 @@ PHASES = ("grads at theta", "simulate", "hypergradient")
 
 def _phase_key(phase: str, recipe: Recipe, c: FTConfig) -> tuple:
     """What a phase's memory depends on (LR and step count never matter)."""
-    base = (phase, recipe.weights, recipe.attention, recipe.checkpointing, recipe.chunk)
+    base = (phase, recipe.weights, recipe.attention, recipe.checkpointing, recipe.chunk,
+            recipe.lean_full and c.algo == "full")
     split = recipe.split_terms and c.loss == "dreambooth"
     if phase == "grads at theta":
         return base

@@ -76,6 +76,9 @@ class Recipe:
             accumulate; HVPs are summed term by term, an exact HVP rebuilding its graph per term),
             instead of holding both forward graphs at once.
         chunk: query rows per attention chunk.
+        lean_full: PLANNER PROTOTYPE for full-parameter configurations (fd only): host backup,
+            optimizer-in-backward, in-place fd HVPs (`resalign_fast.memplan.lean`), instead of
+            the project's `make_hvp`.
     """
 
     name: str
@@ -85,6 +88,7 @@ class Recipe:
     weights: str = "fp32"
     split_terms: bool = True
     chunk: int = 1024
+    lean_full: bool = False
 
 
 REFERENCE = Recipe("reference", hvp="exact", attention="math", checkpointing=False, split_terms=False)
@@ -126,6 +130,8 @@ def sources() -> dict[str, str]:
         "solver": "resalign_fast.hypergrad.solvers" if _has("resalign_fast.hypergrad.solvers") else "stand-in",
         "optimizer": "resalign_fast.inner.optim" if _has("resalign_fast.inner.optim") else "torch.optim",
         "attention": "resalign_fast.models.attention" if _has("resalign_fast.models.attention") else "missing",
+        "checkpointing": ("resalign_fast.models.checkpointing" if _has("resalign_fast.models.checkpointing")
+                          else "diffusers"),
     }
 
 
@@ -257,11 +263,18 @@ class OuterStep:
         if recipe.hvp not in HVP_BACKENDS:
             raise ValueError(f"unknown hvp backend {recipe.hvp!r}; choose one of {HVP_BACKENDS}")
         self.unet, self.spec, self.recipe, self.shape, self.device = unet, spec, recipe, shape, device
+        if recipe.lean_full and recipe.hvp != "fd":
+            raise ValueError("lean_full is a prototype of fd HVPs only")
+        self.tracker = tracker
         self._phase = tracker.phase if tracker is not None else (lambda name: contextlib.nullcontext())
         self.named = dict(unet.named_parameters())
         self.lora = [n for n in self.named if "lora_" in n]
-        if recipe.checkpointing:
-            unet.enable_gradient_checkpointing()
+        if recipe.checkpointing and _has("resalign_fast.models.checkpointing"):
+            from resalign_fast.models.checkpointing import enable_checkpointing
+
+            enable_checkpointing(unet)  # re-binds functional_call's tensors when it recomputes
+        elif recipe.checkpointing:
+            unet.enable_gradient_checkpointing()  # non-reentrant; wrong values under functional_call
         else:
             unet.disable_gradient_checkpointing()
         # cached latents and text embeddings: harmful, preservation, fine-tuning, prior batches
@@ -272,6 +285,13 @@ class OuterStep:
 
     def _terms(self, C: FTConfig) -> list[Callable[..., Tensor]]:
         return _ft_terms(self.unet, C, self.ft, self.prior)
+
+    def _lean(self, C: FTConfig) -> bool:
+        return self.recipe.lean_full and C.algo == "full"
+
+    def _ft_loss(self, C: FTConfig) -> Callable[[], Tensor]:
+        terms = self._terms(C)
+        return lambda: sum(t() for t in terms)
 
     def attention(self):
         """Context manager putting the recipe's attention into the UNet."""
@@ -294,6 +314,10 @@ class OuterStep:
         params = [self.named[n] for n in self._train_names(C)]
         terms = self._terms(C)
         with self._phase("simulate"):
+            if self._lean(C):
+                from resalign_fast.memplan.lean import lean_simulate
+
+                return lean_simulate(params, C.optim, self.shape.sim_steps, self._ft_loss(C), self.tracker)
             backup = [p.detach().clone() for p in params]
             for p in params:
                 p.requires_grad_(True)
@@ -311,25 +335,19 @@ class OuterStep:
         Returns:
             v_K restricted to theta (LoRA-shaped tensors).
         """
-        recipe, shape = self.recipe, self.shape
+        shape = self.shape
         train = self._train_names(C)
         params = [self.named[n] for n in train]
-        fns = [lambda ps, t=t: t(dict(zip(train, ps))) for t in self._terms(C)]
         with self._phase("hypergradient"):
-            g = torch.autograd.grad(-shape.lam * denoise_loss(self.unet, self.harm), params)
-            with diff_order(1 if recipe.hvp == "fd" else 2):
-                if recipe.split_terms and len(fns) > 1:
-                    def hvp(v: list[Tensor]) -> list[Tensor]:
-                        out = None
-                        for fn in fns:  # one term's graph at a time
-                            hv = _make_hvp(fn, params, recipe.hvp)(v)
-                            out = hv if out is None else [a.add_(b) for a, b in zip(out, hv)]
-                            del hv
-                        return out
-                else:
-                    hvp = _make_hvp(lambda ps: sum(fn(ps) for fn in fns), params, recipe.hvp)
-                v = _richardson(hvp, list(g), shape)
-                del hvp, g
+            g = list(torch.autograd.grad(-shape.lam * denoise_loss(self.unet, self.harm), params))
+            if self._lean(C):
+                from resalign_fast.memplan.lean import lean_fd_richardson
+
+                v = lean_fd_richardson(params, g, self._terms(C), iters=shape.iters,
+                                       alpha=shape.alpha, gamma=shape.gamma)
+            else:
+                v = self._solve(C, train, params, g)
+            del g
             with torch.no_grad():
                 for p, b in zip(params, backup):
                     p.copy_(b)
@@ -339,6 +357,23 @@ class OuterStep:
             v_theta = [v[train.index(n)] for n in self.lora]
             del v
         return v_theta
+
+    def _solve(self, C: FTConfig, train: list[str], params: list[Tensor], b: list[Tensor]) -> list[Tensor]:
+        """Richardson with the project's `make_hvp` of the fine-tuning loss at theta*."""
+        recipe = self.recipe
+        fns = [lambda ps, t=t: t(dict(zip(train, ps))) for t in self._terms(C)]
+        with diff_order(1 if recipe.hvp == "fd" else 2):
+            if recipe.split_terms and len(fns) > 1:
+                def hvp(v: list[Tensor]) -> list[Tensor]:
+                    out = None
+                    for fn in fns:  # one term's graph at a time
+                        hv = _make_hvp(fn, params, recipe.hvp)(v)
+                        out = hv if out is None else [a.add_(x) for a, x in zip(out, hv)]
+                        del hv
+                    return out
+            else:
+                hvp = _make_hvp(lambda ps: sum(fn(ps) for fn in fns), params, recipe.hvp)
+            return _richardson(hvp, b, self.shape)
 
     def state_before(self, phase: str, C: FTConfig) -> dict[str, list[Tensor]]:
         """Tensors alive when `phase` starts in a full step (allocated here, values unset).
@@ -356,7 +391,9 @@ class OuterStep:
         if phase in ("simulate", "hypergradient"):
             state["grads"] = [torch.empty_like(p) for p in theta + theta]
         if phase == "hypergradient":
-            state["backup"] = [self.named[n].detach().clone() for n in self._train_names(C)]
+            host = self.tracker.host() if self._lean(C) and self.tracker else contextlib.nullcontext()
+            with host:
+                state["backup"] = [self.named[n].detach().clone() for n in self._train_names(C)]
             for n in self._train_names(C):
                 self.named[n].requires_grad_(True)
         return state

@@ -70,6 +70,8 @@ class StorageTracker(TorchDispatchMode):
             traced control flow is the common path (no zero vector, no guard retry).
         run_op: runs an operator, `run_op(func, args, kwargs) -> outputs`; default calls it
             (`meta.MetaOpCache` memoises meta kernels).
+        explain_at: when live bytes first reach this value, `snapshot` records what is live,
+            grouped by the operator, shape and dtype that allocated it (pass a known peak).
 
     Example:
         >>> with StorageTracker() as tr:
@@ -79,8 +81,13 @@ class StorageTracker(TorchDispatchMode):
     """
 
     def __init__(self, block: int = CUDA_BLOCK, fake_scalars: bool = False,
-                 run_op: Callable[[Any, tuple, dict], Any] | None = None) -> None:
+                 run_op: Callable[[Any, tuple, dict], Any] | None = None,
+                 explain_at: int | None = None) -> None:
         super().__init__()
+        self.explain_at = explain_at
+        self.snapshot: dict[str, tuple[int, int]] | None = None  # label -> (count, bytes)
+        self._labels: dict[int, str] = {}
+        self._op = "registered"
         self.fake_scalars = fake_scalars
         self.run_op = run_op
         if block < 1:
@@ -94,6 +101,8 @@ class StorageTracker(TorchDispatchMode):
         self._phases: dict[str, PhasePeak] = {}
         self._baseline = 0
         self._ran_op = False
+        self._host = False
+        self._host_keys: set[int] = set()
 
     # -- registration -----------------------------------------------------------------------
     def _rounded(self, nbytes: int) -> int:
@@ -101,6 +110,7 @@ class StorageTracker(TorchDispatchMode):
 
     def _release(self, key: int) -> None:
         self.live -= self._sizes.pop(key, 0)
+        self._labels.pop(key, None)
 
     def register(self, tensors: Iterable[Any] | torch.Tensor) -> None:
         """Count tensors that already exist (weights, inputs, buffers) as live.
@@ -122,7 +132,11 @@ class StorageTracker(TorchDispatchMode):
         except (NotImplementedError, RuntimeError):  # tensors without storage (functorch wrappers)
             return
         key = st._cdata
-        if key in self._sizes:
+        if key in self._sizes or key in self._host_keys:
+            return
+        if self._host:
+            self._host_keys.add(key)
+            weakref.finalize(st, self._host_keys.discard, key)
             return
         size = self._rounded(st.nbytes())
         if size == 0:
@@ -130,12 +144,32 @@ class StorageTracker(TorchDispatchMode):
         self._sizes[key] = size
         weakref.finalize(st, self._release, key)
         self.live += size
+        if self.explain_at is not None:
+            self._labels[key] = f"{self._op} {tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}"
+            if self.snapshot is None and self.live >= self.explain_at:
+                self.snapshot = {}
+                for k, lab in self._labels.items():
+                    n, b = self.snapshot.get(lab, (0, 0))
+                    self.snapshot[lab] = (n + 1, b + self._sizes[k])
         if self.live > self.peak:
             self.peak = self.live
             self._peak_phase = self._phase
         ph = self._phases.get(self._phase)
         if ph is not None and self.live > ph.peak:
             ph.peak = self.live
+
+    @contextlib.contextmanager
+    def host(self) -> Iterator[None]:
+        """Storages created inside the block live in host memory: they are not counted.
+
+        For estimates on meta tensors of code that keeps a copy off the GPU (on the GPU it would
+        be `.to("cpu")`); views and in-place updates of them stay uncounted too.
+        """
+        prev, self._host = self._host, True
+        try:
+            yield
+        finally:
+            self._host = prev
 
     # -- phases -----------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -165,6 +199,8 @@ class StorageTracker(TorchDispatchMode):
                 and args[0].device.type == "meta"):
             dtype = args[0].dtype
             return True if dtype == torch.bool else (1.0 if dtype.is_floating_point else 1)
+        if self.explain_at is not None:
+            self._op = f"{self._phase}: {func.__name__}"
         if self.run_op is None:
             out = func(*args, **(kwargs or {}))
         else:
