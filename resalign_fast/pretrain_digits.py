@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     ev = evaluate_digits(model, ema, a.eval_per_digit, a.guidance, a.sample_steps)
     model.to("cpu"); ema.to("cpu")
     manifest = {
-        "command": "python -m resalign_fast.pretrain_digits " + " ".join(argv or []),
+        "command": "python -m resalign_fast.pretrain_digits " + " ".join(sys.argv[1:] if argv is None else argv),
         "seed": a.seed, "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "text_lr": a.text_lr, "ema": a.ema,
         "cfg_dropout": a.cfg_dropout, "train_images": len(labels), "torch": torch.__version__,
         "device": torch.cuda.get_device_name() if str(a.device).startswith("cuda") else "cpu",

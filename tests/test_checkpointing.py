@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import tiny_unet_config
+from tiny import tiny_unet_config
 from resalign_fast.hypergrad import make_hvp
 from resalign_fast.models.checkpointing import enable_checkpointing
 from resalign_fast.models.lora import ParamSpace, add_lora, lora_names

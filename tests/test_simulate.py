@@ -7,7 +7,7 @@ from resalign_fast.data.encoded import EncodedSet
 from resalign_fast.inner.configs import FTConfig
 from resalign_fast.inner.simulate import ft_batch, ft_loss, inner_problem, simulate_finetune
 from resalign_fast.models.lora import ParamSpace, add_lora, lora_names
-from conftest import tiny_unet_config
+from tiny import tiny_unet_config
 
 
 @pytest.fixture
