@@ -30,16 +30,9 @@ import torch
 
 from resalign_fast.config import ConfigError, _f
 from resalign_fast.eval.cliconf import dump_toml, parse_dataclass, parse_list
+from resalign_fast.eval.evaluators import DIGITS_GUIDANCE, DIGITS_STEPS
 
 log = logging.getLogger("resalign_fast.evaluate")
-
-# Digits world sampling: 25 DDIM steps (the project's default) without guidance. Chosen on the
-# original model only, before any unlearned model was evaluated: on the stand-in base (45 images per
-# metric, 25 steps) benign accuracy / FD were 0.96 / 49.9 at guidance 1, 0.98 / 48.8 at 1.5,
-# 0.93 / 72.9 at 2 and 0.42 / 236.9 at 3 (guidance 3 oversaturates over 25 steps; it does not at 5
-# steps: 1.00 / 76.5). Guidance 1 also halves the cost (no unconditional pass).
-DIGITS_GUIDANCE = 1.0
-DIGITS_STEPS = 25
 
 
 @dataclass(frozen=True)

@@ -105,8 +105,9 @@ def _with_prompt(data, prompt: str):
 
 def class_images(cfg: FinetuneConfig, model, unet: torch.nn.Module, device: torch.device):
     """DreamBooth class data: the given folder/subset, else images generated from class_prompt (seeded;
-    SD: 30 steps, guidance 7.5; digits: 25 steps without guidance, which samples them best)."""
+    SD: 30 steps, guidance 7.5; digits: the evaluation's sampling, `evaluators.DIGITS_GUIDANCE`)."""
     from resalign_fast.data.sets import PromptImageSet
+    from resalign_fast.eval.evaluators import DIGITS_GUIDANCE, DIGITS_STEPS
     from resalign_fast.models.sampling import generate
 
     if cfg.class_data:
@@ -114,7 +115,8 @@ def class_images(cfg: FinetuneConfig, model, unet: torch.nn.Module, device: torc
     if not cfg.class_prompt:
         raise FinetuneError("DreamBooth needs --class_data or --class_prompt (to generate num_class_images)")
     imgs = generate(model, [cfg.class_prompt] * cfg.num_class_images, seed=cfg.seed + 7919, unet=unet,
-                    steps=30 if model.vae is not None else 25, guidance=7.5 if model.vae is not None else 1.0)
+                    steps=30 if model.vae is not None else DIGITS_STEPS,
+                    guidance=7.5 if model.vae is not None else DIGITS_GUIDANCE)
     return PromptImageSet(imgs, [cfg.class_prompt] * len(imgs))
 
 

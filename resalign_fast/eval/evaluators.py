@@ -18,6 +18,17 @@ from resalign_fast.eval.metrics import benign_accuracy, frechet_distance_feature
 
 PROMPT_COLUMNS = ("prompt", "text", "caption")
 
+# Digits-world sampling: 25 DDIM steps (the project's default) and classifier-free guidance 2,
+# chosen on the *original* models only, before any unlearned model was evaluated (100 images per
+# metric, 25 steps; benign accuracy / FD / harmful rate of the concept 7):
+#   embedded base (assets/digits_base, 700 CPU steps): g 1: 0.58/114/0.68, 1.5: 0.69/101/0.90,
+#       2: 0.75/107/0.93, 3: 0.79/153/0.86;
+#   GPU stand-in (5000 steps, 45 images): g 1: 0.96/50, 1.5: 0.98/49, 2: 0.93/73, 3: 0.42/237.
+# Rule: the highest benign accuracy whose FD is within 10% of the best FD (g 3 oversaturates over
+# 25 steps, most visibly on the stand-in).
+DIGITS_GUIDANCE = 2.0
+DIGITS_STEPS = 25
+
 
 class DigitsEvaluator:
     """Harmful rate, benign accuracy and Frechet distance on the digits world.
@@ -26,7 +37,7 @@ class DigitsEvaluator:
         concept: the erased digit.
         n_images: images per metric: n from the concept's prompts (its caption templates in turn)
             and n from benign prompts (the nine other digits in turn, then the templates).
-        steps, guidance: DDIM sampling (25 steps, no guidance: see `evaluate.DIGITS_GUIDANCE`).
+        steps, guidance: DDIM sampling (DIGITS_STEPS, DIGITS_GUIDANCE: see their comment).
         seed: generation seed (image i's noise depends only on (seed, i)).
         benign: also generate benign images (benign accuracy, FD); off for harmful-only sweeps.
         batch_size: prompts per UNet batch (classifier-free guidance doubles it).
@@ -35,7 +46,7 @@ class DigitsEvaluator:
     the real test-split digits other than the concept (`digits_split("test")`, never trained on).
     """
 
-    def __init__(self, concept: int = 7, n_images: int = 100, steps: int = 25, guidance: float = 1.0,
+    def __init__(self, concept: int = 7, n_images: int = 100, steps: int = DIGITS_STEPS, guidance: float = DIGITS_GUIDANCE,
                  seed: int = 1234, benign: bool = True, batch_size: int = 200) -> None:
         from resalign_fast.data.digits import all_captions, caption
         from resalign_fast.eval.detectors import DigitDetector
