@@ -58,11 +58,11 @@ class ResAlignConfig:
     w_r_start: float = _f(1.6, "preservation weight w_r at the start", lo=0)
     w_r_end: float = _f(2.0, "w_r after the sigmoid ramp over the second half of training", lo=0)
     # outer loop
-    outer_steps: int = _f(40, "outer steps (reference 160; digits: 40 fit the 10-minute CPU budget)", lo=1)
+    outer_steps: int = _f(30, "outer steps (reference 160; digits: 30, to fit 10 minutes on 2 CPU cores)", lo=1)
     configs_per_step: int = _f(3, "k, fine-tuning configurations sampled per outer step", lo=1)
-    lr: float = _f(2e-4, "outer AdamW learning rate (reference 2e-4; digits: same)", lo=0)
+    lr: float = _f(1e-3, "outer AdamW learning rate (reference 2e-4 over 160 steps; digits: 1e-3 over 30 steps moves theta as far, Adam's step being ~lr)", lo=0)
     weight_decay: float = _f(1e-2, "outer AdamW weight decay", lo=0)
-    batch_size: int = _f(8, "images per batch for L_h, R and the fine-tuning simulation", lo=1)
+    batch_size: int = _f(4, "images per batch for L_h and R (the simulation uses pi(C)'s batch_size)", lo=1)
     # fine-tuning simulation
     ft_space: str = _f("digits", "pi(C): a shipped configuration file name (digits, reference) or a .toml path")
     proximal: bool = _f(False, "simulate the proximal point (add ||phi-theta||^2/(2 gamma) to the FT loss) instead of plain steps")

@@ -7,7 +7,8 @@ from resalign_fast.inner.configs import FTConfig, load_ft_space
 def test_defaults_are_the_reference_recipe():
     c = ResAlignConfig()
     assert (c.lam, c.iters, c.gamma, c.alpha, c.max_grad_norm, c.max_retries, c.configs_per_step) == (0.8, 5, 1.0, 1.0, 0.2, 5, 3)
-    assert (c.lr, c.weight_decay, c.w_r_start, c.w_r_end, c.lora_rank) == (2e-4, 1e-2, 1.6, 2.0, 4)
+    assert (c.weight_decay, c.w_r_start, c.w_r_end, c.lora_rank, c.lora_alpha) == (1e-2, 1.6, 2.0, 4, 4.0)
+    assert "digits" in ResAlignConfig.__dataclass_fields__["lr"].metadata["help"]  # the one scaled value, documented
 
 
 def test_precedence_file_then_flags(tmp_path):
