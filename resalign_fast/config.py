@@ -108,8 +108,8 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
         raise ConfigError(f"{f.name}: expected {t}, got {value!r}") from None
 
 
-def validate(cfg: ResAlignConfig) -> ResAlignConfig:
-    """Check choices and ranges of every field; returns cfg."""
+def validate_fields(cfg):
+    """Check every field of any `_f`-built dataclass against its choices and range; returns cfg."""
     for f in fields(cfg):
         v, m = getattr(cfg, f.name), f.metadata
         if m.get("choices") and v not in m["choices"]:
@@ -118,7 +118,13 @@ def validate(cfg: ResAlignConfig) -> ResAlignConfig:
             raise ConfigError(f"{f.name}: {v} is below the minimum {m['lo']}")
         if m.get("hi") is not None and v > m["hi"]:
             raise ConfigError(f"{f.name}: {v} is above the maximum {m['hi']}")
-    if getattr(cfg, "hvp", None) == "jvp" and getattr(cfg, "gradient_checkpointing", False):
+    return cfg
+
+
+def validate(cfg: ResAlignConfig) -> ResAlignConfig:
+    """validate_fields plus the combinations a ResAlign run cannot take; returns cfg."""
+    validate_fields(cfg)
+    if cfg.hvp == "jvp" and cfg.gradient_checkpointing:
         raise ConfigError("hvp: 'jvp' cannot be combined with gradient_checkpointing (torch.func transforms do not "
                           "support checkpointing's saved-tensor hooks); use hvp 'exact' or 'fd' with checkpointing")
     return cfg

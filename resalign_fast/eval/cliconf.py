@@ -10,25 +10,9 @@ import argparse
 import dataclasses
 from typing import Any, Callable, Optional, TypeVar
 
-from resalign_fast.config import ConfigError, _coerce, build_parser, load_toml
+from resalign_fast.config import ConfigError, _coerce, build_parser, load_toml, validate_fields
 
 T = TypeVar("T")
-
-
-def validate_fields(cfg: T) -> T:
-    """Check every field against its `_f` metadata (choices, lo, hi); returns cfg.
-
-    (`config.validate` also checks ResAlignConfig-only combinations, so it is not generic.)
-    """
-    for f in dataclasses.fields(cfg):
-        v, m = getattr(cfg, f.name), f.metadata
-        if m.get("choices") and v not in m["choices"]:
-            raise ConfigError(f"{f.name}: {v!r} is not one of {m['choices']}")
-        if m.get("lo") is not None and v < m["lo"]:
-            raise ConfigError(f"{f.name}: {v} is below the minimum {m['lo']}")
-        if m.get("hi") is not None and v > m["hi"]:
-            raise ConfigError(f"{f.name}: {v} is above the maximum {m['hi']}")
-    return cfg
 
 
 def config_from_dict(cls: type[T], d: dict, base: Optional[T] = None, source: str = "config") -> T:
