@@ -227,11 +227,9 @@ def run_deepspeed_finetune(cfg, ds_config: str | os.PathLike) -> Path:
 
     import torch.nn.functional as F
 
-    from resalign_fast.data.encoded import encode_set
     from resalign_fast.eval.cliconf import dump_toml, parse_list
-    from resalign_fast.eval.downstream import (FinetuneError, _with_prompt, class_images, load_prompt_images, make_batch,
-                                               make_optimizer, make_schedule, resolve_model_path, save_finetuned)
-    from resalign_fast.models.lora import add_lora, lora_names
+    from resalign_fast.eval.downstream import (FinetuneError, make_batch, make_optimizer, make_schedule, prepare_training,
+                                               resolve_model_path, save_finetuned)
     from resalign_fast.models.pipeline import load_model
     from resalign_fast.runs import pick_device
 
@@ -258,21 +256,7 @@ def run_deepspeed_finetune(cfg, ds_config: str | os.PathLike) -> Path:
     try:
         model = load_model(resolve_model_path(cfg.pretrained_model_name_or_path), device=device)
         unet = model.unet
-        train = encode_set(model, _with_prompt(load_prompt_images(cfg.train_data, model, cfg.concept, cfg.data_seed),
-                                               cfg.instance_prompt), device)
-        prior = encode_set(model, class_images(cfg, model, unet, device), device) if cfg.loss == "dreambooth" else None
-        torch.manual_seed(cfg.seed)
-        if cfg.algorithm == "lora":
-            add_lora(unet, cfg.rank, cfg.lora_alpha or float(cfg.rank), "gaussian", "all")
-            names = set(lora_names(unet))
-            params = [p for n, p in unet.named_parameters() if n in names]
-            for p in params:
-                p.requires_grad_(True)
-        else:
-            unet.requires_grad_(True)
-            params = list(unet.parameters())
-        if cfg.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
+        train, prior, params = prepare_training(cfg, model, unet, device)
         opt = make_optimizer(cfg, params)
         engine, _, _, sched = deepspeed.initialize(model=unet, optimizer=opt, model_parameters=params,
                                                    lr_scheduler=make_schedule(cfg, opt), config=ds)

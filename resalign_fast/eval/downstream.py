@@ -237,22 +237,11 @@ class FinetuneResult:
     out_dir: Optional[Path] = None
 
 
-def finetune(cfg: FinetuneConfig, model, *, unet: Optional[torch.nn.Module] = None, callback: Optional[Callback] = None,
-             callback_steps: tuple[int, ...] = (), out_dir: Optional[Path] = None) -> FinetuneResult:
-    """Fine-tune `unet` (default: model.unet, changed in place) on cfg.train_data.
-
-    Args:
-        model: the `DiffusionModel` (text encoder, VAE, scheduler; its UNet unless `unet` is given).
-        callback: called as callback(step, unet) after `step` optimizer steps for every step in
-            `callback_steps` (0: before training); the UNet is in eval mode during the call.
-        out_dir: where log.jsonl and checkpoint folders go (None: nothing is written).
-    """
+def prepare_training(cfg: FinetuneConfig, model, unet: torch.nn.Module, dev: torch.device):
+    """Encoded training data, DreamBooth class data (or None) and the trainable parameters of `cfg`
+    on `unet` (a fresh LoRA adapter, or every weight); shared by plain and DeepSpeed fine-tuning."""
     from resalign_fast.models.lora import add_lora, lora_names
 
-    unet = unet if unet is not None else model.unet
-    dev = next(unet.parameters()).device
-    if cfg.mixed_precision == "fp16" and dev.type != "cuda":
-        raise FinetuneError("--mixed_precision fp16 needs CUDA (use bf16 or no on the CPU)")
     train = encode_set(model, _with_prompt(load_prompt_images(cfg.train_data, model, cfg.concept, cfg.data_seed),
                                            cfg.instance_prompt), dev)
     prior = encode_set(model, class_images(cfg, model, unet, dev), dev) if cfg.loss == "dreambooth" else None
@@ -268,6 +257,24 @@ def finetune(cfg: FinetuneConfig, model, *, unet: Optional[torch.nn.Module] = No
         params = list(unet.parameters())
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    return train, prior, params
+
+
+def finetune(cfg: FinetuneConfig, model, *, unet: Optional[torch.nn.Module] = None, callback: Optional[Callback] = None,
+             callback_steps: tuple[int, ...] = (), out_dir: Optional[Path] = None) -> FinetuneResult:
+    """Fine-tune `unet` (default: model.unet, changed in place) on cfg.train_data.
+
+    Args:
+        model: the `DiffusionModel` (text encoder, VAE, scheduler; its UNet unless `unet` is given).
+        callback: called as callback(step, unet) after `step` optimizer steps for every step in
+            `callback_steps` (0: before training); the UNet is in eval mode during the call.
+        out_dir: where log.jsonl and checkpoint folders go (None: nothing is written).
+    """
+    unet = unet if unet is not None else model.unet
+    dev = next(unet.parameters()).device
+    if cfg.mixed_precision == "fp16" and dev.type != "cuda":
+        raise FinetuneError("--mixed_precision fp16 needs CUDA (use bf16 or no on the CPU)")
+    train, prior, params = prepare_training(cfg, model, unet, dev)
     opt, scaler = make_optimizer(cfg, params), (torch.amp.GradScaler("cuda") if cfg.mixed_precision == "fp16" else None)
     sched = make_schedule(cfg, opt)
     gen = torch.Generator().manual_seed(cfg.seed)
