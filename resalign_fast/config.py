@@ -42,6 +42,7 @@ class ResAlignConfig:
     run_name: str = _f("", "run folder name under output_dir (empty: resalign-<concept>-s<seed>)")
     seed: int = _f(0, "seed of everything", lo=0)
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
+    num_threads: int = _f(1, "CPU threads for torch (0: torch's default). digits: 1; an outer step took 10 s with 1 thread and over 8 minutes with 2 while another process held a core", lo=0)
     frozen_dtype: str = _f("fp32", "dtype of the frozen VAE, text encoder and original-UNet copy (bf16/fp16 save GPU memory)", choices=("fp32", "bf16", "fp16"))
     allow_pickle: bool = _f(False, "also read pickled .bin/.ckpt weights (torch.load weights_only=True); safetensors only otherwise")
     single_file_config: str = _f("", "local diffusers folder with the component configs of a single-file checkpoint")

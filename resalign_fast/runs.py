@@ -17,7 +17,7 @@ CKPT = "last.pt"
 # Settings that issue 6 asks config.py to carry (frozen parts' dtype, pickled weights, single-file
 # configs); until ResAlignConfig has these fields, these defaults apply.
 # Settings a resumed run may change: they do not affect the weights.
-RESUME_MAY_CHANGE = {"resume", "progress", "device", "checkpoint_every", "nan_policy", "samples_per_prompt",
+RESUME_MAY_CHANGE = {"resume", "progress", "device", "num_threads", "checkpoint_every", "nan_policy", "samples_per_prompt",
                      "sample_steps", "guidance", "output_dir", "run_name"}
 
 

@@ -41,6 +41,8 @@ def run(cfg: ResAlignConfig, dist: Optional[DistContext] = None) -> Path:
     from resalign_fast.models.pipeline import load_model
 
     dist = dist or DistContext()
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
     out = Path(cfg.output_dir) / (cfg.run_name or f"resalign-{cfg.concept}-s{cfg.seed}")
