@@ -8,7 +8,8 @@
 # Every step resumes: finished runs and evaluation cells are reused, so rerunning continues.
 #
 # Usage: scripts/resilience_experiment.sh [--quick] [--base MODEL] [--out DIR] [--concept N]
-#            [--unlearn-args "TRAIN FLAGS"] [--dry-run]
+#            [--unlearn-args "TRAIN FLAGS"] [--seeds "0 1"] [--ft-seeds 0,1] [--configs a,b] [--tag T]
+#            [--no-sweep] [--dry-run]   (the last six override the variant's choices)
 #   full protocol: 3 unlearning seeds per method, fine-tuning seeds 0,1,2, all 6 configurations,
 #                  sweep 4 lrs x 4 step counts x {full, lora}. Estimated cost on one CPU core:
 #                  about 10 h (see docs/evaluation.md); a GPU makes it minutes.
@@ -19,7 +20,7 @@
 # useless Hessian-vector products.
 set -euo pipefail
 
-QUICK=0; BASE=digits; OUT=outputs/resilience; CONCEPT=7; DRY=0
+QUICK=0; BASE=digits; OUT=outputs/resilience; CONCEPT=7; DRY=0; NO_SWEEP=0
 # Unlearning settings shared by both methods (plain differs only by --lam 0). Chosen on plain
 # unlearning alone (see docs/evaluation.md, "Unlearning strength"): train's default outer lr 2e-4
 # leaves the harmful rate of the embedded base unchanged within 40 outer steps.
@@ -31,8 +32,13 @@ while [ $# -gt 0 ]; do
     --out) OUT="$2"; shift ;;
     --concept) CONCEPT="$2"; shift ;;
     --unlearn-args) UNLEARN_ARGS="$2"; shift ;;
+    --seeds) O_SEEDS="$2"; shift ;;
+    --ft-seeds) O_FT_SEEDS="$2"; shift ;;
+    --configs) O_CONFIGS="$2"; shift ;;
+    --tag) O_TAG="$2"; shift ;;
+    --no-sweep) NO_SWEEP=1 ;;
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1 {print}' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
   shift
@@ -47,6 +53,7 @@ else
   SEEDS="0 1 2"; FT_SEEDS="0,1,2"; CONFIGS=""
   SWEEP_LRS="1e-5,1e-4,3e-4,1e-3"; SWEEP_STEPS="50,100,200,300"; SWEEP_ALGS="full,lora"; TAG=full
 fi
+SEEDS="${O_SEEDS:-$SEEDS}"; FT_SEEDS="${O_FT_SEEDS:-$FT_SEEDS}"; CONFIGS="${O_CONFIGS-$CONFIGS}"; TAG="${O_TAG:-$TAG}"
 RUNS="$OUT/runs"
 
 run() {  # print, then run unless --dry-run
@@ -75,7 +82,7 @@ run "$PY" -m resalign_fast.evaluate --output_dir "$OUT/compare-$TAG" --concept "
     --configs "$CONFIGS" --num_threads 1 \
     --compare "original=$BASE" "plain=$(join "${PLAIN[@]}")" "resalign=$(join "${RESALIGN[@]}")"
 
-run "$PY" -m resalign_fast.evaluate --output_dir "$OUT/sweep-$TAG" --concept "$CONCEPT" --ft_seeds 0 \
+[ "$NO_SWEEP" = 1 ] || run "$PY" -m resalign_fast.evaluate --output_dir "$OUT/sweep-$TAG" --concept "$CONCEPT" --ft_seeds 0 \
     --sweep_lrs "$SWEEP_LRS" --sweep_steps "$SWEEP_STEPS" --sweep_algorithms "$SWEEP_ALGS" --num_threads 1 \
     --sweep "original=$BASE" "plain=${PLAIN[0]}" "resalign=${RESALIGN[0]}"
 

@@ -18,9 +18,11 @@ def write_json(obj, path: Path) -> Path:
 
 
 def fmt(stat: Optional[dict], digits: int = 3) -> str:
-    """"mean ± sem" (or "-" when missing)."""
+    """"mean ± sem"; just the mean for a single value (no error to show); "-" when missing."""
     if not stat:
         return "-"
+    if stat.get("n", 2) <= 1:
+        return f"{stat['mean']:.{digits}f}"
     return f"{stat['mean']:.{digits}f} ± {stat['sem']:.{digits}f}"
 
 
@@ -144,7 +146,7 @@ def plot_sweep(sweep: dict, out: Path) -> list[Path]:
     paths = []
     for label, algs in sweep.items():
         names = [a for a in algs if not a.startswith("_")]
-        fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.6), squeeze=False)
+        fig, axes = plt.subplots(1, len(names), figsize=(4.6 * len(names) + 0.8, 3.8), squeeze=False, layout="constrained")
         for ax, alg in zip(axes[0], names):
             grid = algs[alg]
             lrs, steps = list(grid), list(next(iter(grid.values())))
