@@ -209,6 +209,7 @@ def _theta_per_step(monkeypatch):
 
 
 # (function in bilevel, its call number in outer step 1 with k = 1, how to spoil its result)
+# The loss injection spoils ga_loss, so these runs pass --harmful_loss ga (the digits default is esd).
 SPOIL = {"loss": ("ga_loss", 2, lambda loss: loss * float("nan")),  # two calls per step: at theta, at theta*
          "simulation": ("simulate_finetune", 1, lambda phi: [p * float("nan") for p in phi]),
          "hypergradient": ("guarded_hypergrad", 1, lambda r: ([g * float("inf") for g in r[0]], r[1]))}
@@ -221,7 +222,7 @@ def test_nan_skip_policy_skips_the_step_and_logs_it(tiny_model_dir, tiny_ft_spac
     name, call, spoil = SPOIL[where]
     monkeypatch.setattr(bilevel, name, _nan_at(call, getattr(bilevel, name), spoil))
     seen = _theta_per_step(monkeypatch)
-    args = _args(tiny_model_dir, tiny_ft_space, tmp_path, None, "--outer_steps", "3", "--lr", "1e-2")
+    args = _args(tiny_model_dir, tiny_ft_space, tmp_path, None, "--outer_steps", "3", "--lr", "1e-2", "--harmful_loss", "ga")
     with caplog.at_level(logging.ERROR, logger="resalign_fast.bilevel"):
         assert train.main(args) == 0
     metrics = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
@@ -237,7 +238,8 @@ def test_nan_abort_policy_stops_with_finite_checkpoint(tiny_model_dir, tiny_ft_s
 
     name, call, spoil = SPOIL["loss"]
     monkeypatch.setattr(bilevel, name, _nan_at(call, getattr(bilevel, name), spoil))
-    args = _args(tiny_model_dir, tiny_ft_space, tmp_path, None, "--outer_steps", "3", "--nan_policy", "abort")
+    args = _args(tiny_model_dir, tiny_ft_space, tmp_path, None, "--outer_steps", "3", "--nan_policy", "abort",
+                 "--harmful_loss", "ga")
     assert train.main(args) == 3
     err = capsys.readouterr().err
     assert "outer step 1" in err and "non-finite" in err and "--resume" in err
