@@ -163,3 +163,14 @@ def test_config_roundtrip_and_ranges(tmp_path):
         _cfg(learning_rate=-1)
     with pytest.raises(ConfigError, match="unknown"):
         _cfg(lr=1e-3)
+
+
+def test_bf16_autocast_on_cpu_trains_fp32_weights(model):
+    w0 = [p.detach().clone() for p in model.unet.parameters()]
+    res = finetune(_cfg(mixed_precision="bf16", optimizer="adam", learning_rate=1e-3, max_train_steps=2), model,
+                   unet=copy.deepcopy(model.unet))
+    ps = list(res.unet.parameters())
+    assert all(p.dtype == torch.float32 for p in ps)
+    assert all(torch.isfinite(p).all() for p in ps) and any(not torch.equal(p, q) for p, q in zip(ps, w0))
+    full = finetune(_cfg(optimizer="adam", learning_rate=1e-3, max_train_steps=2), model, unet=copy.deepcopy(model.unet))
+    assert res.log[0]["loss"] == pytest.approx(full.log[0]["loss"], rel=0.05)  # same batch, bf16 rounding only
