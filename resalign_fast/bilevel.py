@@ -20,7 +20,9 @@ from resalign_fast.data.encoded import EncodedSet
 from resalign_fast.distributed import DistContext
 from resalign_fast.hypergrad import guarded_hypergrad, make_hvp, unrolled_hypergrad
 from resalign_fast.inner.configs import FTSpace
-from resalign_fast.inner.simulate import ft_batch, ft_loss, inner_problem, optim_spec, simulate_finetune
+from resalign_fast.inner.inplace import host_backup, restore, simulate_inplace
+from resalign_fast.inner.simulate import (ft_batch, ft_loss, ft_terms, inner_problem, optim_spec, simulate_finetune,
+                                          sum_terms)
 from resalign_fast.models.checkpointing import enable_checkpointing
 from resalign_fast.models.lora import ParamSpace, add_lora, adapters_disabled, base_names, lora_names
 from resalign_fast.objectives import NoisyBatch, esd_target, ga_loss, make_noisy_batch, sigmoid_ramp, target_loss
@@ -233,30 +235,68 @@ class ResAlign:
         """
         cfg = self.cfg
         prob = inner_problem(self.space, cfg.theta, c.algorithm, theta)
+        if cfg.hypergrad == "unrolled":
+            with _attention_ctx(cfg, False):
+                return self._unrolled(c, prob, theta, direct, hb, gen), None
+        if cfg.lean_full and c.algorithm == "full":
+            return self._lean_full(c, prob, theta, direct, hb, gen, st)
         phi0 = [p.detach() for p in prob.phi0(theta)]
-        prior = self.data["preserve"]
         prox = cfg.gamma if cfg.proximal else None
         with _attention_ctx(cfg, False):
-            if cfg.hypergrad == "unrolled":
-                return self._unrolled(c, prob, theta, direct, hb, gen), None
-            phi_star = simulate_finetune(prob.space, phi0, c, self.data["ft"], prior, self.alphas, gen, proximal_gamma=prox)
+            phi_star = simulate_finetune(prob.space, phi0, c, self.data["ft"], self.data["preserve"], self.alphas,
+                                         gen, proximal_gamma=prox, split_terms=cfg.split_terms)
+        return self._from_star(c, prob, [p.requires_grad_(True) for p in phi_star], direct, hb, gen, st, False)
+
+    def _lean_full(self, c, prob, theta, direct, hb, gen, st):
+        """A full-parameter configuration in place on the UNet's own weights (cfg.lean_full): the
+        starting weights wait in host memory, the optimizer steps inside the backward pass
+        (inner/inplace.py) and the fd HVPs perturb the weights in place (make_hvp inplace)."""
+        params = prob.space.values()
+        flags = [p.requires_grad for p in params]
+        backup = host_backup(params)
+        try:
+            with torch.no_grad():
+                for p, x in zip(params, prob.phi0(theta)):
+                    if x.data_ptr() != p.data_ptr():  # theta LoRA: the merged weights
+                        p.copy_(x)
+            for p in params:
+                p.requires_grad_(True)
+
+            def loss():
+                batch = ft_batch(c, self.data["ft"], self.data["preserve"], self.alphas, gen)
+                return ft_loss(prob.space, params, c, batch)
+
+            with _attention_ctx(self.cfg, False):
+                simulate_inplace(params, loss, optim_spec(c), c.steps)
+            return self._from_star(c, prob, params, direct, hb, gen, st, True)
+        finally:
+            restore(params, backup)
+            for p, f in zip(params, flags):
+                p.requires_grad_(f)
+
+    def _from_star(self, c, prob, phi_star, direct, hb, gen, st, inplace: bool):
+        """From theta* (leaves that require grad): b = lambda grad L_h(theta*), then the first-order or
+        the guarded implicit hypergradient, pulled back to theta."""
+        cfg = self.cfg
+        with _attention_ctx(cfg, False):
             if not all(torch.isfinite(p).all() for p in phi_star):
                 raise _SimulationFault("simulated fine-tuning produced non-finite weights")
-            ps = [p.requires_grad_(True) for p in phi_star]
-            lh_star = self.harmful_loss(prob.space, ps, hb)
+            lh_star = self.harmful_loss(prob.space, phi_star, hb)
             if not torch.isfinite(lh_star):
                 raise _SimulationFault(f"L_h(theta*) = {lh_star.item()}")
-            b = [cfg.lam * x for x in torch.autograd.grad(lh_star, ps)]
+            b = [cfg.lam * x for x in torch.autograd.grad(lh_star, phi_star)]
         st["lh_star"] = lh_star.item()
         if cfg.hypergrad == "first_order":
             v = prob.pullback(b)
             return [d + x for d, x in zip(direct, v)], None
-        batch = ft_batch(c, self.data["ft"], prior, self.alphas, gen)
+        terms = ft_terms(prob.space, c, ft_batch(c, self.data["ft"], self.data["preserve"], self.alphas, gen))
+        loss = terms if cfg.split_terms else (lambda phi: sum_terms(terms, phi))
         second = cfg.hvp != "fd"
         # The attention mode must hold through the backward passes too: checkpointed blocks are
         # recomputed there and must run the same attention as in their forward.
         with _attention_ctx(cfg, second):
-            hvp_at = make_hvp(lambda phi: ft_loss(prob.space, phi, c, batch), [p.detach() for p in phi_star], backend=cfg.hvp)
+            point = phi_star if inplace else [p.detach() for p in phi_star]
+            hvp_at = make_hvp(loss, point, backend=cfg.hvp, inplace=inplace)
 
         def hvp(v):
             with _attention_ctx(cfg, second):

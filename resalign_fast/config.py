@@ -78,6 +78,8 @@ class ResAlignConfig:
     max_retries: int = _f(5, "guard: retries before falling back to the first-order gradient", lo=0)
     unroll_steps: int = _f(0, "unrolled mode: differentiate through the last T steps (0: all)", lo=0)
     gradient_checkpointing: bool = _f(False, "recompute UNet block activations in the backward passes")
+    split_terms: bool = _f(True, "DreamBooth configurations: differentiate the instance and prior loss terms one at a time (gradients and HVPs summed term by term; an exact HVP rebuilds its graph per term) instead of holding both forward graphs at once")
+    lean_full: bool = _f(False, "full-parameter configurations of pi(C): simulate in place on the UNet's weights (starting weights kept in host memory, optimizer step inside the backward pass) and run fd HVPs in place; needs hvp 'fd', plain (not proximal) steps, implicit or first_order hypergradients")
     attention: str = _f("auto", "attention for the UNet: auto (lean: fused first order, chunked second order), math", choices=("auto", "lean", "math"))
     # run management
     checkpoint_every: int = _f(5, "write a resumable checkpoint every N outer steps", lo=1)
@@ -128,6 +130,13 @@ def validate(cfg: ResAlignConfig) -> ResAlignConfig:
     if cfg.hvp == "jvp" and cfg.gradient_checkpointing:
         raise ConfigError("hvp: 'jvp' cannot be combined with gradient_checkpointing (torch.func transforms do not "
                           "support checkpointing's saved-tensor hooks); use hvp 'exact' or 'fd' with checkpointing")
+    if cfg.lean_full:
+        why = [w for w, bad in (("hvp 'fd'", cfg.hypergrad == "implicit" and cfg.hvp != "fd"),
+                                ("proximal false", cfg.proximal),
+                                ("hypergrad implicit or first_order, not unrolled", cfg.hypergrad == "unrolled")) if bad]
+        if why:
+            raise ConfigError(f"lean_full: needs {', '.join(why)} (in-place simulation keeps no trajectory, "
+                              "no anchor copy, and in-place HVPs are finite differences)")
     return cfg
 
 

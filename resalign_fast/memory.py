@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import asdict, replace
 
-from resalign_fast.memplan.estimate import ConfigPeak, Estimator
+from resalign_fast.memplan.estimate import Estimator
 from resalign_fast.memplan.recipes import HVP_BACKENDS, PI_C, REFERENCE, FTConfig, Recipe, StepShape, sources
 from resalign_fast.memplan.attn import MODES
 from resalign_fast.memplan.unets import MODELS
@@ -30,7 +30,8 @@ GIB = 2**30
 PAPER_PEAK_GB = 56  # ResAlign paper: "peak 56 GB" on one A100 (GB = 1e9 bytes assumed; GiB shown too)
 TARGETS_GIB = {"fd": 6.0, "exact": 12.0}  # issue 4: LoRA configs of pi(C)
 WHOLE_TARGET_GIB = 16.0  # issue 4: every configuration, full-parameter ones included
-PROTOTYPE = Recipe("fd/fused/ckpt/lean-full*", hvp="fd", attention="fused", checkpointing=True, lean_full=True)
+# the trainer's lean_full path (in-place simulation and fd HVPs for full-parameter configurations)
+LEAN = Recipe("fd/fused/ckpt/lean-full", hvp="fd", attention="fused", checkpointing=True, lean_full=True)
 
 
 def our_recipes(hvps=HVP_BACKENDS, attentions=MODES, checkpointing=(False, True),
@@ -60,8 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--engine", default="spec", choices=("spec", "project"),
                    help="spec: the planner's outer step; project: resalign_fast.bilevel.ResAlign.step")
     p.add_argument("--no-reference", action="store_true", help="skip the reference recipe")
-    p.add_argument("--no-prototype", action="store_true",
-                   help="skip the planner's lean full-parameter prototype row (memplan/lean.py)")
+    p.add_argument("--no-lean", action="store_true",
+                   help="skip the lean_full row (in-place full-parameter configurations, fd HVPs)")
     p.add_argument("--no-memo", action="store_true", help="trace every step whole instead of reusing phases")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     return p.parse_args(argv)
@@ -82,8 +83,8 @@ def select(args: argparse.Namespace) -> tuple[list[Recipe], tuple[FTConfig, ...]
                           ckpt, args.weights)
     if not args.no_reference:
         recipes.insert(0, REFERENCE)
-    if not args.no_prototype and args.engine == "spec":
-        recipes.append(PROTOTYPE if args.weights == "fp32" else replace(PROTOTYPE, weights=args.weights))
+    if not args.no_lean:
+        recipes.append(LEAN if args.weights == "fp32" else replace(LEAN, weights=args.weights))
     names = [c.name for c in PI_C]
     configs = PI_C if args.configs == "all" else tuple(
         c for n in _split(args.configs, names, "configs") for c in PI_C if c.name == n)
@@ -132,7 +133,7 @@ def summarize(rows: list[dict]) -> dict:
         m = _max(ref["configs"])
         s["reference"] = {"max_bytes": m, "max_lora_bytes": _max(ref["configs"], "lora"),
                           "paper_gb": PAPER_PEAK_GB, "ratio_to_paper": round(m / (PAPER_PEAK_GB * 1e9), 3)}
-    ours = [r for r in rows if r["recipe"]["name"] not in (REFERENCE.name, PROTOTYPE.name)]
+    ours = [r for r in rows if r["recipe"]["name"] != REFERENCE.name]
     for hvp in HVP_BACKENDS:
         cand = [(_max(r["configs"], "lora"), r["recipe"]["name"]) for r in ours if r["recipe"]["hvp"] == hvp]
         cand = [c for c in cand if c[0] is not None]
@@ -146,11 +147,6 @@ def summarize(rows: list[dict]) -> dict:
     if whole:
         v, name = min(whole)
         s["best_whole"] = {"recipe": name, "bytes": v, "target_gib": WHOLE_TARGET_GIB, "meets": v <= WHOLE_TARGET_GIB * GIB}
-    proto = next((r for r in rows if r["recipe"]["name"] == PROTOTYPE.name), None)
-    if proto is not None and _max(proto["configs"]) is not None:
-        v = _max(proto["configs"])
-        s["prototype_whole"] = {"recipe": PROTOTYPE.name, "bytes": v, "target_gib": WHOLE_TARGET_GIB,
-                                "meets": v <= WHOLE_TARGET_GIB * GIB}
     return s
 
 
@@ -207,13 +203,8 @@ def format_table(out: dict) -> str:
                          f"(reference {ref_l}){tgt}")
     if "best_whole" in s:
         b = s["best_whole"]
-        lines.append(f"all configs incl. full-parameter, project's make_hvp: best {b['recipe']} {_gib(b['bytes'])} GiB "
+        lines.append(f"all configs incl. full-parameter: best {b['recipe']} {_gib(b['bytes'])} GiB "
                      f"(reference {ref_a}), target <= {b['target_gib']:g} GiB: {'met' if b['meets'] else 'NOT met'}")
-    if "prototype_whole" in s:
-        b = s["prototype_whole"]
-        lines.append(f"all configs, planner's lean full-parameter prototype {b['recipe']}: {_gib(b['bytes'])} GiB "
-                     f"(reference {ref_a}): {'met' if b['meets'] else 'NOT met'} (* not the project's code: "
-                     "host backup of W0, optimizer-in-backward, in-place fd HVPs; memplan/lean.py)")
     lines.append(f"traced in {out['seconds']:.0f} s")
     return "\n".join(lines)
 

@@ -28,10 +28,18 @@ def test_round_trip_through_toml(tmp_path):
 @pytest.mark.parametrize("d, key", [({"lamda": 1}, "lamda"), ({"lam": 1.5}, "lam"), ({"solver": "lu"}, "solver"),
                                     ({"outer_steps": 0}, "outer_steps"), ({"iters": 2.5}, "iters"),
                                     ({"proximal": "maybe"}, "proximal"),
-                                    ({"hvp": "jvp", "gradient_checkpointing": True}, "checkpointing")])
+                                    ({"hvp": "jvp", "gradient_checkpointing": True}, "checkpointing"),
+                                    ({"lean_full": True}, "lean_full: needs hvp 'fd'"),
+                                    ({"lean_full": True, "hvp": "fd", "proximal": True}, "proximal"),
+                                    ({"lean_full": True, "hvp": "fd", "hypergrad": "unrolled"}, "unrolled")])
 def test_bad_values_name_the_key(d, key):
     with pytest.raises(ConfigError, match=key):
         from_dict(d)
+
+
+def test_lean_full_combinations():
+    assert from_dict({"lean_full": True, "hvp": "fd"}).lean_full
+    assert from_dict({"lean_full": True, "hypergrad": "first_order"}).lean_full  # no HVPs at all
 
 
 def test_bad_flag_exits_nonzero():

@@ -109,8 +109,8 @@ def test_estimate_within_15_percent_of_measured_peak(recipe, config):
     assert abs(est.peak - measured["allocator"]) <= 0.15 * measured["allocator"], (est.peak, measured)
 
 
-def test_lean_prototype_estimate_vs_measured_minus_host_backup():
-    # the prototype keeps W0 in host memory: the CPU allocator counts it, the GPU estimate must not
+def test_lean_full_estimate_vs_measured_minus_host_backup():
+    # lean_full keeps W0 in host memory: the CPU allocator counts it, the GPU estimate must not
     lean = Recipe("lean", hvp="fd", attention="fused", checkpointing=True, lean_full=True)
     c = CONFIGS["full-adam-dreambooth"]
     est = Estimator(TINY, SHAPE, block=1, target="cpu").run(lean, c)
@@ -143,6 +143,23 @@ def test_recipes_compute_the_same_hypergradient(monkeypatch):
             assert err < tol, (recipe.name, config, err)
 
 
+def test_split_terms_and_lean_full_lower_both_engines():
+    """The Recipe flags lower the planner's step and the trainer's own step (engine project, which
+    passes them as config fields) alike, and the two engines agree."""
+    est = Estimator(TINY, SHAPE, block=1)
+    cases = [(Recipe("split", "exact", "chunked", False, chunk=16),
+              Recipe("joint", "exact", "chunked", False, chunk=16, split_terms=False), "lora-sgd-dreambooth"),
+             (Recipe("lean", "fd", "fused", True, lean_full=True), Recipe("fd", "fd", "fused", True),
+              "full-adam-standard")]
+    for lean, plain, config in cases:
+        c = CONFIGS[config]
+        for run in (est.run_phases, est.run_project):
+            low, high = run(lean, c), run(plain, c)
+            assert low.error == high.error == "" and low.peak < 0.8 * high.peak, (lean.name, run.__name__, low, high)
+        spec, proj = est.run_phases(lean, c).peak, est.run_project(lean, c).peak
+        assert abs(spec - proj) <= 0.15 * proj, (lean.name, spec, proj)
+
+
 def test_phase_memo_equals_whole_trace():
     est = Estimator(TINY, SHAPE, block=512)
     for recipe, config in [(REFERENCE, "full-adam-dreambooth"),
@@ -163,7 +180,7 @@ def test_cli_json(capsys):
     from resalign_fast.memory import main
 
     assert main(["--model", "tiny", "--resolution", "8", "--hvp", "fd", "--attention", "fused",
-                 "--checkpointing", "on", "--configs", "lora-sgd-standard", "--iters", "2", "--no-prototype",
+                 "--checkpointing", "on", "--configs", "lora-sgd-standard", "--iters", "2", "--no-lean",
                  "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     names = [r["recipe"]["name"] for r in out["rows"]]

@@ -5,7 +5,7 @@ import torch
 
 from resalign_fast.data.encoded import EncodedSet
 from resalign_fast.inner.configs import FTConfig
-from resalign_fast.inner.simulate import ft_batch, ft_loss, inner_problem, simulate_finetune
+from resalign_fast.inner.simulate import ft_batch, ft_loss, inner_problem, optim_spec, simulate_finetune
 from resalign_fast.models.lora import ParamSpace, add_lora, lora_names
 from tiny import tiny_unet_config
 
@@ -98,3 +98,34 @@ def test_dreambooth_loss_uses_two_batches(setup):
     inst = ft_loss(space, theta, std, (b_db[0], None))
     prior = ft_loss(space, theta, std, (b_db[1], None))
     assert torch.allclose(ft_loss(space, theta, db, b_db), inst + 0.5 * prior)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_inplace_simulation_matches_simulate_finetune(setup, optimizer):
+    """Optimizer-in-backward on the UNet's own weights (lean_full) follows simulate_finetune's
+    trajectory, DreamBooth terms split there; host_backup/restore give the weights back exactly."""
+    from resalign_fast.inner.inplace import host_backup, restore, simulate_inplace
+
+    unet, space, data = setup
+    theta = [p.detach().clone() for p in space.values()]
+    prob = inner_problem(space, "lora", "full", theta)
+    cfg = FTConfig(lr=1e-2, steps=3, optimizer=optimizer, algorithm="full", loss="dreambooth", batch_size=2)
+    alphas = torch.linspace(0.99, 0.01, 1000, dtype=torch.float64)
+    phi0 = [p.detach().clone() for p in prob.phi0(theta)]
+    ref = simulate_finetune(prob.space, phi0, cfg, data, data, alphas, torch.Generator().manual_seed(4), split_terms=True)
+    params = prob.space.values()
+    before = [p.detach().clone() for p in params]
+    backup = host_backup(params)
+    with torch.no_grad():
+        for p, x in zip(params, phi0):
+            p.copy_(x)
+    for p in params:
+        p.requires_grad_(True)
+    g = torch.Generator().manual_seed(4)
+    simulate_inplace(params, lambda: ft_loss(prob.space, params, cfg, ft_batch(cfg, data, data, alphas, g)),
+                     optim_spec(cfg), cfg.steps)
+    err = max(float((a - b).abs().max()) for a, b in zip(params, ref))
+    assert err < 1e-12 and any(not torch.equal(a, b) for a, b in zip(ref, phi0)), err
+    assert all(p.grad is None for p in params)
+    restore(params, backup)
+    assert backup == [] and all(torch.equal(p, b) for p, b in zip(params, before))

@@ -128,13 +128,16 @@ def richardson_trace(
     for _ in range(iters - 1):
         hv = _hvp_checked(hvp, v)
         trace.hvps += 1
-        new_v, upd_sq = [], []
-        for vi, bi, hi in zip(v, b, hv):
-            hi = _flat(hi.detach().to(vi.dtype))
+        upd_sq = []
+        for i, (vi, bi) in enumerate(zip(v, b)):
+            # tensor by tensor, dropping H v_i and the old v_i as soon as v_i is replaced: live
+            # full-size vectors are b, v and H v, not b, v, H v and the new v
+            hi, hv[i] = _flat(hv[i].detach().to(vi.dtype)), None
             vn, usq, _ = richardson_step(_flat(vi), _flat(bi), hi, alpha, gamma)
-            new_v.append(vn.view(vi.shape))
+            v[i] = vn.view(vi.shape)
             upd_sq.append(usq.double())
-        v = new_v
+            del vi, hi
+        del hv
         # one host sync per iteration, not one per parameter tensor
         if trace.push(math.sqrt(float(torch.stack(upd_sq).sum())), stop_on_growth):
             break

@@ -22,7 +22,7 @@ from resalign_fast.data.encoded import EncodedSet
 from resalign_fast.inner.configs import FTConfig
 from resalign_fast.inner.optim import OptimSpec, init_state, step_
 from resalign_fast.models.lora import TARGETS, ParamSpace, base_names, merge_map
-from resalign_fast.objectives import NoisyBatch, denoising_loss, dreambooth_loss, make_noisy_batch
+from resalign_fast.objectives import NoisyBatch, denoising_loss, make_noisy_batch
 
 log = logging.getLogger("resalign_fast.inner")
 _warned_subset = False
@@ -92,22 +92,57 @@ def ft_batch(cfg: FTConfig, ft: EncodedSet, prior: EncodedSet, alphas: torch.Ten
     return inst, pri
 
 
+def ft_terms(space: ParamSpace, cfg: FTConfig, batch: tuple[NoisyBatch, NoisyBatch | None]
+             ) -> list[Callable[[list[torch.Tensor]], torch.Tensor]]:
+    """The fine-tuning loss of `cfg` on a fixed batch as a sum of terms, each ``term(phi) -> loss``:
+    the denoising loss, plus prior_weight x the prior (class) loss for DreamBooth (one forward each)."""
+    inst, pri = batch
+    terms = [lambda phi: denoising_loss(space.eps(phi, inst.x_t, inst.t, inst.emb), inst)]
+    if pri is not None:
+        terms.append(lambda phi: cfg.prior_weight * denoising_loss(space.eps(phi, pri.x_t, pri.t, pri.emb), pri))
+    return terms
+
+
 def ft_loss(space: ParamSpace, phi: list[torch.Tensor], cfg: FTConfig, batch: tuple[NoisyBatch, NoisyBatch | None]) -> torch.Tensor:
     """The fine-tuning loss of `cfg` at phi on a fixed batch (two forward passes for DreamBooth)."""
-    inst, pri = batch
-    loss = denoising_loss(space.eps(phi, inst.x_t, inst.t, inst.emb), inst)
-    if pri is not None:
-        loss = dreambooth_loss(loss, denoising_loss(space.eps(phi, pri.x_t, pri.t, pri.emb), pri), cfg.prior_weight)
+    return sum_terms(ft_terms(space, cfg, batch), phi)
+
+
+def sum_terms(terms: list[Callable[[list[torch.Tensor]], torch.Tensor]], phi: list[torch.Tensor]) -> torch.Tensor:
+    """terms[0](phi) + terms[1](phi) + ... (every term's graph alive at once)."""
+    loss = terms[0](phi)
+    for term in terms[1:]:
+        loss = loss + term(phi)
     return loss
 
 
+def term_grads(terms: list[Callable[[list[torch.Tensor]], torch.Tensor]], phi: list[torch.Tensor],
+               split: bool) -> list[torch.Tensor]:
+    """Gradient of the sum of terms at phi (leaves that require grad, .grad None).
+
+    Args:
+        split: differentiate one term at a time, accumulating into one gradient buffer, so that
+            only one term's forward graph is alive (DreamBooth); else the sum at once.
+    """
+    if not split or len(terms) == 1:
+        return list(torch.autograd.grad(sum_terms(terms, phi), phi))
+    for term in terms:
+        torch.autograd.backward(term(phi), inputs=phi)
+    grads = [p.grad for p in phi]
+    for p in phi:
+        p.grad = None
+    return grads
+
+
 def simulate_finetune(space: ParamSpace, phi0: list[torch.Tensor], cfg: FTConfig, ft: EncodedSet, prior: EncodedSet,
-                      alphas: torch.Tensor, gen: torch.Generator, *, proximal_gamma: float | None = None) -> list[torch.Tensor]:
+                      alphas: torch.Tensor, gen: torch.Generator, *, proximal_gamma: float | None = None,
+                      split_terms: bool = False) -> list[torch.Tensor]:
     """Run `cfg.steps` optimizer steps from phi0 without keeping any graph; returns theta* (detached).
 
     Args:
         proximal_gamma: if given, minimise L_FT(phi) + ||phi - phi0||^2 / (2 gamma) instead (the
             proximal variant; the reference code simulates plain steps, the default).
+        split_terms: differentiate DreamBooth's two loss terms one at a time (`term_grads`).
     """
     phi = [p.detach().clone().requires_grad_(True) for p in phi0]
     anchor = [p.detach() for p in phi0]
@@ -115,8 +150,7 @@ def simulate_finetune(space: ParamSpace, phi0: list[torch.Tensor], cfg: FTConfig
     state = init_state(spec, phi)
     for _ in range(cfg.steps):
         batch = ft_batch(cfg, ft, prior, alphas, gen)
-        loss = ft_loss(space, phi, cfg, batch)
-        grads = list(torch.autograd.grad(loss, phi))
+        grads = term_grads(ft_terms(space, cfg, batch), phi, split_terms)
         if proximal_gamma is not None:
             grads = [g + (p.detach() - a) / proximal_gamma for g, p, a in zip(grads, phi, anchor)]
         step_(spec, phi, grads, state)

@@ -175,7 +175,7 @@ class Estimator:
         try:
             with reference_ops(), sdpa_as(self.target), tracker:
                 tracker.register(list(unet.parameters()) + list(unet.buffers()))
-                project_step(unet, self.spec, recipe, config, self.shape)
+                project_step(unet, self.spec, recipe, config, self.shape, host=tracker.host)
         except Exception as e:
             return ConfigPeak(config.name, None, error=_why(e), seconds=time.perf_counter() - t0)
         rep = tracker.report()

@@ -10,6 +10,7 @@ disabled (max_grad_norm = inf, no retries), as its retries repeat the same work 
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import Callable, ContextManager
 
 import torch
 
@@ -27,14 +28,18 @@ def available() -> str:
 
 
 def project_step(unet: torch.nn.Module, spec: ModelSpec, recipe: Recipe, C: FTConfig, shape: StepShape,
-                 device: str = "meta") -> None:
+                 device: str = "meta", host: Callable[[], ContextManager] | None = None) -> None:
     """Run `ResAlign.step(0)` with one configuration equal to C.
 
     Args:
         unet: a UNet WITHOUT adapters (`build_unet(..., lora_rank=0)`); ResAlign adds theta's LoRA.
         spec, recipe, C, shape: as in `recipes.outer_step`. `recipe.split_terms` and
-            `recipe.chunk` are the project's business here and are ignored.
+            `recipe.lean_full` become the config fields of the same names; `recipe.chunk` is the
+            project's business here and is ignored.
         device: where the data tensors live ("meta" for an estimate).
+        host: context manager under which storages count as host memory (`StorageTracker.host`):
+            the lean path's backup of the starting weights (`inner.inplace.host_backup`) runs
+            under it. None: counted like any other storage.
     """
     from resalign_fast.bilevel import ResAlign
     from resalign_fast.config import ResAlignConfig
@@ -46,7 +51,8 @@ def project_step(unet: torch.nn.Module, spec: ModelSpec, recipe: Recipe, C: FTCo
         theta="lora", hvp=recipe.hvp, attention="math" if recipe.attention == "math" else "auto",
         gradient_checkpointing=recipe.checkpointing, batch_size=shape.batch, iters=shape.iters,
         configs_per_step=1, lam=shape.lam, gamma=shape.gamma, alpha=shape.alpha,
-        max_grad_norm=float("inf"), max_retries=0, progress=False)
+        max_grad_norm=float("inf"), max_retries=0, progress=False, split_terms=recipe.split_terms,
+        lean_full=recipe.lean_full)
     n = shape.batch
 
     def encoded() -> EncodedSet:
@@ -59,4 +65,19 @@ def project_step(unet: torch.nn.Module, spec: ModelSpec, recipe: Recipe, C: FTCo
                                optimizer=C.optim, batch_size=n),))
     data = {"harmful": encoded(), "preserve": encoded(), "ft": encoded()}
     trainer = ResAlign(cfg, model, data, space, torch.randn(spec.text_shape(1), device=device))
-    trainer.step(0)
+    if host is None:
+        trainer.step(0)
+        return
+    import resalign_fast.bilevel as bilevel
+
+    backup = bilevel.host_backup
+
+    def host_backup(params):
+        with host():
+            return backup(params)
+
+    bilevel.host_backup = host_backup  # on meta tensors the backup cannot go to real host memory
+    try:
+        trainer.step(0)
+    finally:
+        bilevel.host_backup = backup

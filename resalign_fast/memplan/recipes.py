@@ -73,12 +73,14 @@ class Recipe:
         checkpointing: diffusers' (non-reentrant) gradient checkpointing of every block.
         weights: dtype of the frozen base weights ("fp32", "bf16", "fp16"); LoRA stays fp32.
         split_terms: DreamBooth losses are differentiated one term at a time (gradients
-            accumulate; HVPs are summed term by term, an exact HVP rebuilding its graph per term),
-            instead of holding both forward graphs at once.
+            accumulate; HVPs are summed term by term by `make_hvp`, an exact HVP rebuilding its
+            graph per term), instead of holding both forward graphs at once (the trainer's
+            config field of the same name).
         chunk: query rows per attention chunk.
-        lean_full: PLANNER PROTOTYPE for full-parameter configurations (fd only): host backup,
-            optimizer-in-backward, in-place fd HVPs (`resalign_fast.memplan.lean`), instead of
-            the project's `make_hvp`.
+        lean_full: full-parameter configurations (fd only) run the project's in-place path (the
+            trainer's config field of the same name): host backup of the starting weights and
+            optimizer-in-backward (`resalign_fast.inner.inplace`), in-place fd HVPs
+            (`make_hvp(..., inplace=True)`).
     """
 
     name: str
@@ -135,11 +137,11 @@ def sources() -> dict[str, str]:
     }
 
 
-def _make_hvp(loss_fn, params, backend):
+def _make_hvp(loss_fn, params, backend, inplace=False):
     if _has("resalign_fast.hypergrad.hvp"):
         from resalign_fast.hypergrad.hvp import make_hvp
 
-        return make_hvp(loss_fn, params, backend=backend)
+        return make_hvp(loss_fn, params, backend=backend, inplace=inplace)
     raise RuntimeError("resalign_fast.hypergrad.hvp is missing (no stand-in: it landed first)")
 
 
@@ -264,7 +266,7 @@ class OuterStep:
             raise ValueError(f"unknown hvp backend {recipe.hvp!r}; choose one of {HVP_BACKENDS}")
         self.unet, self.spec, self.recipe, self.shape, self.device = unet, spec, recipe, shape, device
         if recipe.lean_full and recipe.hvp != "fd":
-            raise ValueError("lean_full is a prototype of fd HVPs only")
+            raise ValueError("lean_full runs fd HVPs only")
         self.tracker = tracker
         self._phase = tracker.phase if tracker is not None else (lambda name: contextlib.nullcontext())
         self.named = dict(unet.named_parameters())
@@ -315,9 +317,15 @@ class OuterStep:
         terms = self._terms(C)
         with self._phase("simulate"):
             if self._lean(C):
-                from resalign_fast.memplan.lean import lean_simulate
+                from resalign_fast.inner import optim
+                from resalign_fast.inner.inplace import host_backup, simulate_inplace
 
-                return lean_simulate(params, C.optim, self.shape.sim_steps, self._ft_loss(C), self.tracker)
+                with self.tracker.host() if self.tracker is not None else contextlib.nullcontext():
+                    backup = host_backup(params)
+                for p in params:
+                    p.requires_grad_(True)
+                simulate_inplace(params, self._ft_loss(C), optim.OptimSpec(C.optim, lr=1e-5), self.shape.sim_steps)
+                return backup
             backup = [p.detach().clone() for p in params]
             for p in params:
                 p.requires_grad_(True)
@@ -340,18 +348,11 @@ class OuterStep:
         params = [self.named[n] for n in train]
         with self._phase("hypergradient"):
             g = list(torch.autograd.grad(-shape.lam * denoise_loss(self.unet, self.harm), params))
-            if self._lean(C):
-                from resalign_fast.memplan.lean import lean_fd_richardson
-
-                v = lean_fd_richardson(params, g, self._terms(C), iters=shape.iters,
-                                       alpha=shape.alpha, gamma=shape.gamma)
-            else:
-                v = self._solve(C, train, params, g)
+            v = self._solve(C, train, params, g)
             del g
-            with torch.no_grad():
-                for p, b in zip(params, backup):
-                    p.copy_(b)
-            backup.clear()
+            from resalign_fast.inner.inplace import restore
+
+            restore(params, backup)
             for n, p in zip(train, params):
                 p.requires_grad_("lora_" in n)
             v_theta = [v[train.index(n)] for n in self.lora]
@@ -359,20 +360,16 @@ class OuterStep:
         return v_theta
 
     def _solve(self, C: FTConfig, train: list[str], params: list[Tensor], b: list[Tensor]) -> list[Tensor]:
-        """Richardson with the project's `make_hvp` of the fine-tuning loss at theta*."""
-        recipe = self.recipe
-        fns = [lambda ps, t=t: t(dict(zip(train, ps))) for t in self._terms(C)]
+        """Richardson with the project's `make_hvp` of the fine-tuning loss at theta* (in place on the
+        module's parameters for lean full-parameter configurations)."""
+        recipe, lean = self.recipe, self._lean(C)
+        if lean:  # the terms read the module's parameters, which the in-place HVP perturbs
+            fns = [lambda ps, t=t: t() for t in self._terms(C)]
+        else:
+            fns = [lambda ps, t=t: t(dict(zip(train, ps))) for t in self._terms(C)]
+        loss = fns if recipe.split_terms else (lambda ps: sum(fn(ps) for fn in fns))
         with diff_order(1 if recipe.hvp == "fd" else 2):
-            if recipe.split_terms and len(fns) > 1:
-                def hvp(v: list[Tensor]) -> list[Tensor]:
-                    out = None
-                    for fn in fns:  # one term's graph at a time
-                        hv = _make_hvp(fn, params, recipe.hvp)(v)
-                        out = hv if out is None else [a.add_(x) for a, x in zip(out, hv)]
-                        del hv
-                    return out
-            else:
-                hvp = _make_hvp(lambda ps: sum(fn(ps) for fn in fns), params, recipe.hvp)
+            hvp = _make_hvp(loss, params, recipe.hvp, inplace=lean)
             return _richardson(hvp, b, self.shape)
 
     def state_before(self, phase: str, C: FTConfig) -> dict[str, list[Tensor]]:
