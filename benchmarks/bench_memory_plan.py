@@ -34,6 +34,7 @@ GPU_CASES = [  # (recipe, configuration): chosen to span 4 to 50 GiB estimated
     (REFERENCE, "lora-sgd-standard"),
     (REFERENCE, "lora-adam-dreambooth"),
     (Recipe("fd/fused/ckpt", "fd", "fused", True), "full-adam-dreambooth"),
+    (Recipe("fd/fused/ckpt/lean-full", "fd", "fused", True, lean_full=True), "full-adam-dreambooth"),
     (Recipe("exact/fused/no-ckpt", "exact", "fused", False), "full-sgd-standard"),
     (REFERENCE, "full-adam-standard"),
     (REFERENCE, "full-adam-dreambooth"),

@@ -78,8 +78,8 @@ class ResAlignConfig:
     max_retries: int = _f(5, "guard: retries before falling back to the first-order gradient", lo=0)
     unroll_steps: int = _f(0, "unrolled mode: differentiate through the last T steps (0: all)", lo=0)
     gradient_checkpointing: bool = _f(False, "recompute UNet block activations in the backward passes")
-    split_terms: bool = _f(True, "DreamBooth configurations: differentiate the instance and prior loss terms one at a time (gradients and HVPs summed term by term; an exact HVP rebuilds its graph per term) instead of holding both forward graphs at once")
-    lean_full: bool = _f(False, "full-parameter configurations of pi(C): simulate in place on the UNet's weights (starting weights kept in host memory, optimizer step inside the backward pass) and run fd HVPs in place; needs hvp 'fd', plain (not proximal) steps, implicit or first_order hypergradients")
+    split_terms: bool = _f(True, "DreamBooth configurations: differentiate the instance and prior loss terms one at a time (gradients and HVPs summed term by term; an exact HVP rebuilds its graph per term) instead of holding both forward graphs at once (planner, SD v1.4 512 px, exact HVPs: 7.64 GiB instead of 13.47 GiB)")
+    lean_full: bool = _f(False, "full-parameter configurations of pi(C): simulate in place on the UNet's weights (starting weights kept in host memory, optimizer step inside the backward pass) and run fd HVPs in place; needs hvp 'fd', plain (not proximal) steps, implicit or first_order hypergradients (planner, SD v1.4 512 px, checkpointing: 13.3 GiB instead of 29.4 GiB)")
     attention: str = _f("auto", "attention for the UNet: auto (lean: fused first order, chunked second order), math", choices=("auto", "lean", "math"))
     # run management
     checkpoint_every: int = _f(5, "write a resumable checkpoint every N outer steps", lo=1)

@@ -6,14 +6,15 @@ One outer step for one fine-tuning configuration C (METHOD.md Algorithm 2):
    theta (the distillation target comes from one no-grad forward with the adapter disabled: the
    base weights serve as the frozen original model, no second copy).
 2. "simulate": `sim_steps` plain optimizer steps on the LoRA parameters, or on every UNet
-   parameter for full-parameter configs (their starting values are kept in a copy to restore).
+   parameter for full-parameter configs (their starting values are kept in a copy to restore;
+   with `lean_full`, in host memory, and the optimizer steps inside the backward pass).
    DreamBooth configs run two forward passes (instance and prior batch) per step.
 3. "hypergradient": b = lambda * grad L_h(theta*), then Richardson iterations on
    (I + gamma H) v = b with `make_hvp(..., backend=recipe.hvp)` at theta*.
 
 The project's functions run when they exist (`resalign_fast.hypergrad.make_hvp` and
-`richardson_solve`, `resalign_fast.inner.optim`); the local stand-ins below are used otherwise,
-and `sources()` says which ran. Nothing here reads a tensor's values (the step runs on meta
+`richardson_solve`, `resalign_fast.inner.optim`, `resalign_fast.inner.inplace` for `lean_full`);
+the local stand-ins below are used otherwise, and `sources()` says which ran. Nothing here reads a tensor's values (the step runs on meta
 tensors too); the planner's own arithmetic never enters the estimate.
 """
 
