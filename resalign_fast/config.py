@@ -86,7 +86,7 @@ class ResAlignConfig:
     resume: bool = _f(False, "continue from the run folder's last checkpoint")
     samples_per_prompt: int = _f(4, "images per prompt in the before/after sample grids", lo=0)
     sample_steps: int = _f(25, "DDIM steps for samples", lo=1)
-    guidance: float = _f(3.0, "classifier-free guidance for samples (digits: 3; SD: 7.5)", lo=0)
+    guidance: float = _f(1.5, "classifier-free guidance for samples (digits: 1.5, the evaluation's DIGITS_GUIDANCE; SD: 7.5)", lo=0)
     nan_policy: str = _f("skip", "on a NaN/inf loss or hypergradient: skip the outer step (logged) or abort", choices=("skip", "abort"))
     progress: bool = _f(True, "show a progress bar")
 

@@ -19,14 +19,15 @@ import torch
 import torch.nn.functional as F
 
 from resalign_fast.data.digits import all_captions, captioned_set, digits_split
+from resalign_fast.eval.evaluators import DIGITS_GUIDANCE, DIGITS_STEPS
 from resalign_fast.models.pipeline import DIGITS_MODEL_DIR, build_digits_model, save_model
 from resalign_fast.models.sampling import generate, image_grid, save_png
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--steps", type=int, default=6000, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=3000, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the saved weights")
     p.add_argument("--cfg-dropout", type=float, default=0.1, help="probability of an empty caption")
@@ -36,12 +37,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="resumable training state, written every --checkpoint-every steps")
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--eval-per-digit", type=int, default=100, help="generated images per digit for the report")
-    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--guidance", type=float, default=DIGITS_GUIDANCE,
+                   help="classifier-free guidance of the report (the evaluation's, see eval/evaluators.py)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (the manifest records which)")
     p.add_argument("--text-lr", type=float, default=1e-3,
                    help="learning rate of the text encoder, trained jointly here and frozen afterwards "
                         "(0 keeps it at its random init: conditioning then fails, 44%% accuracy after 5000 steps)")
-    p.add_argument("--sample-steps", type=int, default=25)
+    p.add_argument("--sample-steps", type=int, default=DIGITS_STEPS)
     return p.parse_args(argv)
 
 

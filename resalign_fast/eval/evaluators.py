@@ -18,15 +18,16 @@ from resalign_fast.eval.metrics import benign_accuracy, frechet_distance_feature
 
 PROMPT_COLUMNS = ("prompt", "text", "caption")
 
-# Digits-world sampling: 25 DDIM steps (the project's default) and classifier-free guidance 2,
+# Digits-world sampling: 25 DDIM steps (the project's default) and classifier-free guidance 1.5,
 # chosen on the *original* models only, before any unlearned model was evaluated (100 images per
 # metric, 25 steps; benign accuracy / FD / harmful rate of the concept 7):
-#   embedded base (assets/digits_base, 700 CPU steps): g 1: 0.58/114/0.68, 1.5: 0.69/101/0.90,
-#       2: 0.75/107/0.93, 3: 0.79/153/0.86;
+#   embedded base (assets/digits_base, 3000 CPU steps, 2026-12-01): g 1: 0.95/42.6/0.95,
+#       1.5: 0.99/40.6/0.99, 2: 0.99/57.1/0.86, 3: 0.61/201/0.32;
+#   the earlier 700-step base: g 1: 0.58/114/0.68, 1.5: 0.69/101/0.90, 2: 0.75/107/0.93, 3: 0.79/153/0.86;
 #   GPU stand-in (5000 steps, 45 images): g 1: 0.96/50, 1.5: 0.98/49, 2: 0.93/73, 3: 0.42/237.
 # Rule: the highest benign accuracy whose FD is within 10% of the best FD (g 3 oversaturates over
-# 25 steps, most visibly on the stand-in).
-DIGITS_GUIDANCE = 2.0
+# 25 steps).
+DIGITS_GUIDANCE = 1.5
 DIGITS_STEPS = 25
 
 
