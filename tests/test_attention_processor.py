@@ -30,7 +30,9 @@ UNET_CONFIG = dict(
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # CUDA: Triton in "chunked" mode
 CHUNK = 5  # 64 and 16 query tokens: several chunks, the last one partial
 TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10)}
-FP32_REL = 1e-5
+# fp32: rounding only (bugs show as O(1) errors; fp64 checks the maths to 1e-10). A double backward
+# through 8 attention layers measured 1.07e-5 on an AVX-512 machine (2026-12-01), so 1e-5 was too tight.
+FP32_REL = 1e-4
 
 
 def _close(got, want, dtype):
