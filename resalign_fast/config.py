@@ -53,7 +53,7 @@ class ResAlignConfig:
     lora_init: str = _f("gaussian", "peft init_lora_weights for theta", choices=("gaussian", "default"))
     lora_placement: str = _f("all", "attention layers that carry LoRA", choices=("all", "cross", "self"))
     # objective
-    harmful_loss: str = _f("esd", "harmful loss L_h: gradient ascent (the reference default) or ESD negative guidance (digits: esd; plain unlearning at lr 2e-3 took the harmful rate 0.93 -> 0.03 at benign accuracy 0.60, ga -> 0.31 at 0.45; docs/evaluation.md)", choices=("ga", "esd"))
+    harmful_loss: str = _f("esd", "harmful loss L_h: gradient ascent (the reference default) or ESD negative guidance (digits: esd; plain unlearning at lr 2e-3 on the earlier 700-step base: esd took the harmful rate 0.93 -> 0.03 at benign accuracy 0.60, ga -> 0.31 at 0.45; on the shipped base, esd: 0.99 -> 0.08 at 0.94; docs/evaluation.md)", choices=("ga", "esd"))
     esd_eta: float = _f(1.0, "ESD negative-guidance strength eta", lo=0)
     lam: float = _f(0.8, "lambda, weight of the recovered-harm term", lo=0, hi=1)
     w_r_start: float = _f(1.6, "preservation weight w_r at the start", lo=0)
