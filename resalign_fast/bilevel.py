@@ -19,13 +19,15 @@ from resalign_fast.config import ResAlignConfig
 from resalign_fast.data.encoded import EncodedSet
 from resalign_fast.distributed import DistContext
 from resalign_fast.hypergrad import guarded_hypergrad, make_hvp, unrolled_hypergrad
+from resalign_fast.hypergrad.stable import stable_hypergrad
 from resalign_fast.inner.configs import FTSpace
 from resalign_fast.inner.inplace import host_backup, restore, simulate_inplace
 from resalign_fast.inner.simulate import (ft_batch, ft_loss, ft_terms, inner_problem, optim_spec, simulate_finetune,
                                           sum_terms)
 from resalign_fast.models.checkpointing import enable_checkpointing
 from resalign_fast.models.lora import ParamSpace, add_lora, adapters_disabled, base_names, lora_names
-from resalign_fast.objectives import NoisyBatch, esd_target, ga_loss, make_noisy_batch, sigmoid_ramp, target_loss
+from resalign_fast.objectives import (NoisyBatch, esd_target, ga_loss, guidance_loss, guidance_target, make_noisy_batch,
+                                     sigmoid_ramp, target_loss)
 
 log = logging.getLogger("resalign_fast.bilevel")
 
@@ -58,6 +60,7 @@ class StepResult:
     direct_norm: float = 0.0
     retries: int = 0
     fallbacks: int = 0
+    hvps: int = 0
     skipped: bool = False
     seconds: float = 0.0
     peak_memory_bytes: int = 0
@@ -110,6 +113,11 @@ class ResAlign:
             p.requires_grad_(True)
         self.opt = torch.optim.AdamW(self.theta, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.alphas = model.scheduler.alphas_cumprod.float().to(self.theta[0].device)
+        # stable guard: the last top-curvature eigenvector per configuration slot and inner space (host
+        # memory; checkpointed by rank 0, so a distributed resume restarts the other ranks' slots cold)
+        self.warm_vectors: dict[str, list[torch.Tensor]] = {}
+        # ft_carry: per configuration slot, the simulation to continue (checkpointed like warm_vectors)
+        self.carry: dict[str, dict] = {}
 
     def _setup_attention(self, unet) -> None:
         try:
@@ -140,6 +148,8 @@ class ResAlign:
         b = make_noisy_batch(*self.data["harmful"].sample(self.cfg.batch_size, gen), self.alphas, gen)
         if self.cfg.harmful_loss == "esd":
             b.target = esd_target(self.eps0, b, self.uncond, self.cfg.esd_eta)
+        elif self.cfg.harmful_loss == "guidance":
+            b.target = guidance_target(self.eps0, b, self.uncond, self.cfg.esd_eta)
         return b
 
     def preserve_batch(self, gen: torch.Generator) -> NoisyBatch:
@@ -149,6 +159,10 @@ class ResAlign:
 
     def harmful_loss(self, space: ParamSpace, params: list[torch.Tensor], b: NoisyBatch) -> torch.Tensor:
         eps = space.eps(params, b.x_t, b.t, b.emb)
+        if self.cfg.harmful_loss == "guidance":
+            with torch.no_grad():
+                eps_u = space.eps([p.detach() for p in params], b.x_t, b.t, self.uncond.expand_as(b.emb))
+            return guidance_loss(eps, eps_u, b)
         return ga_loss(eps, b) if self.cfg.harmful_loss == "ga" else target_loss(eps, b)
 
     # --- one outer step -------------------------------------------------------------------------
@@ -187,12 +201,12 @@ class ResAlign:
             return res
         local, stats = {}, {}
         for i in self.dist.indices(len(configs)):
-            st = stats[i] = {"lh_star": None, "retries": 0, "fallback": False, "fault": ""}
+            st = stats[i] = {"lh_star": None, "retries": 0, "fallback": False, "hvps": 0, "fault": "", "slot": i}
             try:
                 g, info = self._config_hypergrad(configs[i], theta, direct, hb, config_generator(cfg.seed, s, i), st)
             except _SimulationFault as e:
                 st["fault"], g, info = str(e), [torch.full_like(p, float("nan")) for p in self.theta], None
-            st["retries"], st["fallback"] = (info.retries, bool(info.fallback)) if info else (0, False)
+            st["retries"], st["fallback"], st["hvps"] = (info.retries, bool(info.fallback), info.hvps) if info else (0, False, 0)
             local[i] = g
         for part in self.dist.gather_objects(stats):
             stats.update(part)
@@ -200,6 +214,7 @@ class ResAlign:
                          for i in range(len(configs))]
         res.retries = sum(stats[i]["retries"] for i in range(len(configs)))
         res.fallbacks = sum(int(stats[i]["fallback"]) for i in range(len(configs)))
+        res.hvps = sum(stats[i]["hvps"] for i in range(len(configs)))
         faults = [f"config {i} ({res.configs[i]}): {stats[i]['fault']}" for i in range(len(configs)) if stats[i]["fault"]]
         total = self.dist.reduce_config_grads(local, len(configs), self.theta)
         g = [x / cfg.configs_per_step for x in total]
@@ -242,10 +257,33 @@ class ResAlign:
             return self._lean_full(c, prob, theta, direct, hb, gen, st)
         phi0 = [p.detach() for p in prob.phi0(theta)]
         prox = cfg.gamma if cfg.proximal else None
+        start, state = self._carried(str(st["slot"]), c, phi0)
         with _attention_ctx(cfg, False):
             phi_star = simulate_finetune(prob.space, phi0, c, self.data["ft"], self.data["preserve"], self.alphas,
-                                         gen, proximal_gamma=prox, split_terms=cfg.split_terms)
+                                         gen, proximal_gamma=prox, split_terms=cfg.split_terms, start=start,
+                                         state=state)
+        if cfg.ft_carry and not all(torch.isfinite(p).all() for p in phi_star):
+            self.carry.pop(str(st["slot"]), None)  # restart next time; _from_star reports the fault
+        elif cfg.ft_carry:
+            done = (self.carry.get(str(st["slot"]), {}).get("steps", 0) if start is not None else 0) + c.steps
+            self.carry[str(st["slot"])] = {"config": c.short(), "steps": done, "opt_step": state.step,
+                                           "delta": [(a - b).cpu() for a, b in zip(phi_star, phi0)],
+                                           "buffers": {k: [x.cpu() for x in v] for k, v in state.buffers.items()}}
         return self._from_star(c, prob, [p.requires_grad_(True) for p in phi_star], direct, hb, gen, st, False)
+
+    def _carried(self, slot: str, c, phi0: list[torch.Tensor]):
+        """ft_carry: (start, optimizer state) continuing the slot's last simulation when it ran the same
+        configuration and c.steps more stay within cfg.ft_carry accumulated steps; else a fresh
+        start (None, a new state). The carried displacement is added to today's phi0 (theta moved)."""
+        from resalign_fast.inner.optim import OptState, init_state
+
+        prev = self.carry.get(slot)
+        if not self.cfg.ft_carry or prev is None or prev["config"] != c.short() \
+                or prev["steps"] + c.steps > self.cfg.ft_carry:
+            return None, init_state(optim_spec(c), phi0)
+        dev = phi0[0].device
+        start = [p + d.to(dev) for p, d in zip(phi0, prev["delta"])]
+        return start, OptState(prev["opt_step"], {k: [x.to(dev) for x in v] for k, v in prev["buffers"].items()})
 
     def _lean_full(self, c, prob, theta, direct, hb, gen, st):
         """A full-parameter configuration in place on the UNet's own weights (cfg.lean_full): the
@@ -302,6 +340,16 @@ class ResAlign:
             with _attention_ctx(cfg, second):
                 return hvp_at(v)
 
+        if cfg.guard == "stable":
+            # keyed by configuration slot, so the history does not depend on how ranks split the slots
+            key = f"{st['slot']}:{c.algorithm}"
+            warm = self.warm_vectors.get(key)
+            if warm is not None:
+                warm = [x.to(p.device, non_blocking=True) for x, p in zip(warm, b)]
+            g, info, u = stable_hypergrad(list(direct), b, hvp, gamma=cfg.gamma, iters=cfg.iters,
+                                          power_iters=cfg.power_iters, warm=warm, pullback=prob.pullback)
+            self.warm_vectors[key] = [x.detach().to("cpu") for x in u]
+            return g, info
         return guarded_hypergrad(list(direct), b, hvp, alpha=cfg.alpha, gamma=cfg.gamma, iters=cfg.iters,
                                  max_grad_norm=cfg.max_grad_norm, max_retries=cfg.max_retries,
                                  solver=cfg.solver, pullback=prob.pullback)

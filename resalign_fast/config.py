@@ -53,7 +53,7 @@ class ResAlignConfig:
     lora_init: str = _f("gaussian", "peft init_lora_weights for theta", choices=("gaussian", "default"))
     lora_placement: str = _f("all", "attention layers that carry LoRA", choices=("all", "cross", "self"))
     # objective
-    harmful_loss: str = _f("esd", "harmful loss L_h: gradient ascent (the reference default) or ESD negative guidance (digits: esd; plain unlearning at lr 2e-3 on the earlier 700-step base: esd took the harmful rate 0.93 -> 0.03 at benign accuracy 0.60, ga -> 0.31 at 0.45; on the shipped base, esd: 0.99 -> 0.08 at 0.94; docs/evaluation.md)", choices=("ga", "esd"))
+    harmful_loss: str = _f("esd", "harmful loss L_h: gradient ascent (the reference default) or ESD negative guidance (digits: esd; plain unlearning at lr 2e-3 on the earlier 700-step base: esd took the harmful rate 0.93 -> 0.03 at benign accuracy 0.60, ga -> 0.31 at 0.45; on the shipped base, esd: 0.99 -> 0.08 at 0.94; docs/evaluation.md); guidance: ESD's target on the guidance direction eps(c) - eps(""), blind to drift that both branches share)", choices=("ga", "esd", "guidance"))
     esd_eta: float = _f(1.0, "ESD negative-guidance strength eta", lo=0)
     lam: float = _f(0.8, "lambda, weight of the recovered-harm term", lo=0, hi=1)
     w_r_start: float = _f(1.6, "preservation weight w_r at the start", lo=0)
@@ -66,6 +66,7 @@ class ResAlignConfig:
     batch_size: int = _f(4, "images per batch for L_h and R (the simulation uses pi(C)'s batch_size)", lo=1)
     # fine-tuning simulation
     ft_space: str = _f("digits", "pi(C): a shipped configuration file name (digits, reference) or a .toml path")
+    ft_carry: int = _f(0, "continue each configuration slot's simulated fine-tuning across outer steps (its displacement theta* - theta and optimizer state carried while the slot draws the same configuration) for up to this many accumulated steps, then restart at theta (0: every simulation starts at theta, as the paper)", lo=0)
     proximal: bool = _f(False, "simulate the proximal point (add ||phi-theta||^2/(2 gamma) to the FT loss) instead of plain steps")
     # hypergradient
     hypergrad: str = _f("implicit", "implicit (Moreau envelope), unrolled (backprop through the last unroll_steps), or first_order (d theta*/d theta = I)", choices=("implicit", "unrolled", "first_order"))
@@ -76,10 +77,13 @@ class ResAlignConfig:
     alpha: float = _f(1.0, "Richardson step alpha", lo=0)
     max_grad_norm: float = _f(0.2, "guard: halve alpha when the hypergradient norm exceeds this", lo=0)
     max_retries: int = _f(5, "guard: retries before falling back to the first-order gradient", lo=0)
+    guard: str = _f("stable", "safeguard of the Richardson solve: stable (step from the measured top curvature, start at the first-order answer, fall back to the first-order resilience term) or reference (the paper's: halve alpha, retry, fall back to the direct gradient)", choices=("stable", "reference"))
+    power_iters: int = _f(3, "stable guard: power-iteration HVPs per solve for the step size (warm-started across outer steps)", lo=1)
     unroll_steps: int = _f(0, "unrolled mode: differentiate through the last T steps (0: all)", lo=0)
     gradient_checkpointing: bool = _f(False, "recompute UNet block activations in the backward passes")
     split_terms: bool = _f(True, "DreamBooth configurations: differentiate the instance and prior loss terms one at a time (gradients and HVPs summed term by term; an exact HVP rebuilds its graph per term) instead of holding both forward graphs at once (planner, SD v1.4 512 px, exact HVPs: 7.64 GiB instead of 13.47 GiB)")
     lean_full: bool = _f(False, "full-parameter configurations of pi(C): simulate in place on the UNet's weights (starting weights kept in host memory, optimizer step inside the backward pass) and run fd HVPs in place; needs hvp 'fd', plain (not proximal) steps, implicit or first_order hypergradients (planner, SD v1.4 512 px, checkpointing: 13.3 GiB instead of 29.4 GiB)")
+    offload_optimizer_state: bool = _f(False, "lean_full: keep the simulated optimizer's state in host memory, streamed per parameter (same trajectory bit for bit)")
     attention: str = _f("auto", "attention for the UNet: auto (lean: fused first order, chunked second order), math", choices=("auto", "lean", "math"))
     # run management
     checkpoint_every: int = _f(5, "write a resumable checkpoint every N outer steps", lo=1)
@@ -130,6 +134,10 @@ def validate(cfg: ResAlignConfig) -> ResAlignConfig:
     if cfg.hvp == "jvp" and cfg.gradient_checkpointing:
         raise ConfigError("hvp: 'jvp' cannot be combined with gradient_checkpointing (torch.func transforms do not "
                           "support checkpointing's saved-tensor hooks); use hvp 'exact' or 'fd' with checkpointing")
+    if cfg.guard == "stable" and cfg.hypergrad == "implicit" and cfg.solver != "richardson":
+        raise ConfigError(f"guard: 'stable' guards the richardson solver; use guard 'reference' with solver {cfg.solver!r}")
+    if cfg.ft_carry and (cfg.lean_full or cfg.hypergrad == "unrolled"):
+        raise ConfigError("ft_carry: needs the ordinary simulation (not lean_full) and implicit or first_order hypergradients")
     if cfg.lean_full:
         why = [w for w, bad in (("hvp 'fd'", cfg.hypergrad == "implicit" and cfg.hvp != "fd"),
                                 ("proximal false", cfg.proximal),

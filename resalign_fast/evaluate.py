@@ -58,6 +58,9 @@ class EvalConfig:
     ft_data: str = _f("", "--compare/--sweep: replace every configuration's train_data (e.g. an image folder)")
     ft_seeds: str = _f("0,1,2", "fine-tuning seeds of every cell")
     reference: str = _f("original", "--compare: group the harmful-rate ratio is relative to")
+    after_benign: bool = _f(True, "--compare: also measure benign accuracy and FD after fine-tuning (off: harmful rate only, half the images)")
+    final_only: bool = _f(False, "--compare: evaluate fine-tuned models only after each configuration's last step")
+    paired: str = _f("", "--compare: paired comparisons A:B[,A:B...] (model i of group A with model i of B, same fine-tuning seeds)")
     sweep_lrs: str = _f("1e-5,1e-4,3e-4,1e-3", "--sweep: learning rates")
     sweep_steps: str = _f("50,100,200,300", "--sweep: step counts (one run per lr serves all)")
     sweep_algorithms: str = _f("full,lora", "--sweep: full and/or lora (rank 4)")
@@ -83,13 +86,13 @@ def make_evaluator(cfg: EvalConfig, benign: bool = True):
                            cfg.eval_seed, benign, cfg.batch_size or 200)
 
 
-def _runner(cfg: EvalConfig, evaluator, out: Path):
+def _runner(cfg: EvalConfig, evaluator, out: Path, after=None):
     from resalign_fast.eval.compare import Runner
     from resalign_fast.eval.downstream import FinetuneConfig
     from resalign_fast.runs import pick_device
 
     base = FinetuneConfig(concept=cfg.concept, device=cfg.device, output_dir=str(out))
-    return Runner(evaluator, out, base, pick_device(cfg.device))
+    return Runner(evaluator, out, base, pick_device(cfg.device), after=after)
 
 
 def single(cfg: EvalConfig, out: Path) -> dict:
@@ -108,26 +111,36 @@ def single(cfg: EvalConfig, out: Path) -> dict:
 
 
 def compare(cfg: EvalConfig, items: list[str], out: Path) -> dict:
-    from resalign_fast.eval.compare import load_downstream, parse_groups, run_compare, summarize
-    from resalign_fast.eval.report import compare_markdown, criteria, criteria_markdown, plot_compare, write_json
+    from resalign_fast.eval.compare import load_downstream, paired, parse_groups, run_compare, summarize
+    from resalign_fast.eval.report import (compare_markdown, criteria, criteria_markdown, paired_markdown, plot_compare,
+                                           write_json)
 
     groups = parse_groups(items)
     specs = load_downstream(cfg.downstream, tuple(parse_list(cfg.configs, str, "configs")))
     if cfg.ft_data:
         specs = [type(s)(s.name, dict(s.overrides, train_data=cfg.ft_data), s.eval_steps, s.in_pi) for s in specs]
+    if cfg.final_only:
+        specs = [type(s)(s.name, s.overrides, (max(s.eval_steps),), s.in_pi) for s in specs]
+    pairs = [tuple(x.split(":")) for x in parse_list(cfg.paired, str, "paired")]
+    if any(len(p) != 2 or not all(p) for p in pairs):
+        raise ConfigError(f"paired: expected A:B[,A:B...], got {cfg.paired!r}")
     seeds = parse_list(cfg.ft_seeds, int, "ft_seeds")
     ev = make_evaluator(cfg)
-    raw = run_compare(groups, specs, seeds, _runner(cfg, ev, out))
+    after = None if cfg.after_benign else make_evaluator(cfg, benign=False)
+    raw = run_compare(groups, specs, seeds, _runner(cfg, ev, out, after))
     summary = summarize(raw, specs)
     crit = criteria(summary, specs, original=cfg.reference)
     write_json({"settings": ev.settings(), "groups": groups, "ft_seeds": seeds, "raw": raw}, out / "raw.json")
-    write_json({"settings": ev.settings(), "summary": summary, "criteria": crit}, out / "summary.json")
+    pstats = {f"{a}:{b}": paired(raw, specs, a, b, cfg.n_images) for a, b in pairs}
+    write_json({"settings": ev.settings(), "summary": summary, "criteria": crit, "paired": pstats}, out / "summary.json")
     plot = plot_compare(summary, specs, out)
     md = [f"# Resilience comparison\n\nEvaluation: `{json.dumps(ev.settings())}`; fine-tuning seeds {seeds}; "
           "mean ± standard error (across models when a group has several, else across fine-tuning seeds).\n",
           compare_markdown(summary, specs, cfg.reference)]
     if crit:
-        md += ["\n## Target of issue 3\n", criteria_markdown(crit)]
+        md += ["\n## Target: ResAlign against plain unlearning\n", criteria_markdown(crit)]
+    if pstats:
+        md += ["\n## Paired comparisons (harmful rate)\n", paired_markdown(pstats, specs)]
     md.append(f"\n![harmful rate and benign accuracy against fine-tuning steps]({plot.name})\n")
     (out / "report.md").write_text("\n".join(md))
     return summary

@@ -73,6 +73,29 @@ def esd_target(eps0: EpsFn, batch: NoisyBatch, uncond_emb: torch.Tensor, eta: fl
     return e_from - eta * (e_c - e_u)
 
 
+@torch.no_grad()
+def guidance_target(eps0: EpsFn, batch: NoisyBatch, uncond_emb: torch.Tensor, eta: float) -> torch.Tensor:
+    """The ESD target written on the guidance direction: -eta (eps0(x_t, c) - eps0(x_t, "")), what the
+    unlearned model's eps(x_t, c) - eps(x_t, "") should be (see `guidance_loss`)."""
+    u = uncond_emb.expand_as(batch.emb)
+    return -eta * (eps0(batch.x_t, batch.t, batch.emb) - eps0(batch.x_t, batch.t, u))
+
+
+def guidance_loss(eps: torch.Tensor, eps_uncond: torch.Tensor, batch: NoisyBatch) -> torch.Tensor:
+    """||(eps(x_t, c) - sg[eps(x_t, "")]) - batch.target||^2 with batch.target from `guidance_target`.
+
+    ESD's loss ||eps(x_t, c) - eps_ESD||^2 also grows with any change of the model's predictions that
+    the conditional and unconditional branches share (fine-tuning drift), which is 20-30x the concept's
+    own recovery after simulated fine-tuning on the digits world (RESILIENCE_DIAGNOSIS.md). On the
+    guidance direction that common change cancels, so the value measures the concept alone. The
+    unconditional branch enters without gradient (`eps_uncond` detached): the loss moves only the
+    concept's conditional prediction, never the unconditional model.
+    """
+    if batch.target is None:
+        raise ValueError("batch has no target: compute it with guidance_target first")
+    return mse(eps - eps_uncond.detach(), batch.target)
+
+
 def target_loss(eps: torch.Tensor, batch: NoisyBatch) -> torch.Tensor:
     """||eps_pred - batch.target||^2: the ESD harmful loss and the preservation distillation."""
     if batch.target is None:

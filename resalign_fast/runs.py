@@ -112,7 +112,8 @@ def checkpoint_save(ckpt_dir: Path, algo, step: int) -> None:
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     tmp = ckpt_dir / (CKPT + ".tmp")
     with open(tmp, "wb") as f:
-        torch.save({"step": step, "theta": [p.detach().cpu() for p in algo.theta], "opt": algo.opt.state_dict()}, f)
+        torch.save({"step": step, "theta": [p.detach().cpu() for p in algo.theta], "opt": algo.opt.state_dict(),
+                    "warm_vectors": getattr(algo, "warm_vectors", {}), "carry": getattr(algo, "carry", {})}, f)
         f.flush()
         os.fsync(f.fileno())
     tmp.replace(ckpt_dir / CKPT)
@@ -149,6 +150,8 @@ def checkpoint_load(ckpt_dir: Path, algo, state: Optional[dict] = None) -> int:
         for p, v in zip(algo.theta, st["theta"]):
             p.copy_(v)
     algo.opt.load_state_dict(st["opt"])
+    algo.warm_vectors = dict(st.get("warm_vectors", {}))  # the stable guard's warm starts: an exact resume
+    algo.carry = dict(st.get("carry", {}))  # ft_carry's simulations in progress
     return int(st["step"])
 
 

@@ -145,3 +145,24 @@ def test_clip_head_detector_with_injected_encoder(tmp_path):
     assert isinstance(build_head(lin.state_dict()), torch.nn.Linear)
     with pytest.raises(DetectorError):
         build_head({"x.weight": torch.zeros(1)})
+
+
+def test_paired_stats_on_hand_made_pairs():
+    from resalign_fast.eval.metrics import paired_stats
+
+    # differences 0.1, 0.2, 0.3: mean 0.2, sem 0.1 / sqrt(3); t(0.975, 2) = 4.3027
+    s = paired_stats([0.3, 0.4, 0.5], [0.2, 0.2, 0.2], n_images=100)
+    half = 4.302653 * 0.1 / 3 ** 0.5
+    assert s["n"] == 3 and abs(s["diff"] - 0.2) < 1e-12
+    assert abs(s["diff_lo"] - (0.2 - half)) < 1e-5 and abs(s["diff_hi"] - (0.2 + half)) < 1e-5
+    # equal per-pair ratios 0.5 (after the continuity correction c = 0.005): ratio 0.5, zero-width interval
+    c = 0.005
+    b = [0.2, 0.3, 0.4]
+    a = [0.5 * (y + c) - c for y in b]
+    r = paired_stats(a, b, n_images=100)
+    assert abs(r["ratio"] - 0.5) < 1e-12 and abs(r["ratio_lo"] - 0.5) < 1e-9 and abs(r["ratio_hi"] - 0.5) < 1e-9
+    # a pairing that matters: the unpaired spread is large, the paired difference is constant
+    p = paired_stats([0.11, 0.51, 0.91], [0.1, 0.5, 0.9], n_images=100)
+    assert abs(p["diff_hi"] - p["diff_lo"]) < 1e-9
+    with pytest.raises(ValueError):
+        paired_stats([0.1], [0.2], n_images=100)

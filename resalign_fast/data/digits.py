@@ -117,15 +117,26 @@ def benign_subset(name: str, concept: int = 7, resolution: int = 16, seed: int =
     """A named subset of the digits world for downstream fine-tuning.
 
     Names: "benign" (D_FT: the benign half not used for preservation), "benign-all" (every training
-    digit except `concept`), "digit-N" (training images of digit N).
+    digit except `concept`), "digit-N" (training images of digit N), "mixed-P" (D_FT plus training
+    images of `concept`, drawn by `seed`, making up P percent of the set, 1 <= P <= 50: a user's data
+    that holds some of the erased concept).
     """
     images, labels = digits_split("train", resolution)
     if name == "benign":
         return digits_world(concept, resolution, seed)["ft"]
+    if name.startswith("mixed-") and name[6:].isdigit() and 1 <= int(name[6:]) <= 50:
+        world = digits_world(concept, resolution, seed)
+        ft, harm = world["ft"], world["harmful"]
+        n = round(len(ft) * int(name[6:]) / (100 - int(name[6:])))
+        if n > len(harm):
+            raise ValueError(f"digits subset {name!r}: needs {n} images of {concept}, the training split has {len(harm)}")
+        pick = torch.randperm(len(harm), generator=torch.Generator().manual_seed(seed + 5))[:n].sort().values
+        return PromptImageSet(images=torch.cat([ft.images, harm.images[pick]]), prompts=ft.prompts + [harm.prompts[int(i)] for i in pick],
+                              labels=torch.cat([ft.labels, harm.labels[pick]]))
     if name == "benign-all":
         keep = labels != concept
     elif name.startswith("digit-") and name[6:].isdigit() and 0 <= int(name[6:]) <= 9:
         keep = labels == int(name[6:])
     else:
-        raise ValueError(f"unknown digits subset {name!r}: use 'benign', 'benign-all' or 'digit-N'")
+        raise ValueError(f"unknown digits subset {name!r}: use 'benign', 'benign-all', 'digit-N' or 'mixed-P'")
     return captioned_set(images[keep], labels[keep], seed + 3)

@@ -121,8 +121,10 @@ def ft_config(spec: DownstreamSpec, seed: int, base: FinetuneConfig, last_step: 
 class Runner:
     """Loads each model once and runs cached cells on fresh copies of its UNet."""
 
-    def __init__(self, evaluator, out_dir: Path, base: FinetuneConfig, device: torch.device) -> None:
+    def __init__(self, evaluator, out_dir: Path, base: FinetuneConfig, device: torch.device, after=None) -> None:
+        """after: the evaluator of fine-tuned models (default `evaluator`; e.g. harmful rate only)."""
         self.ev, self.base, self.device = evaluator, base, device
+        self.after = after or evaluator
         self.cache = CellCache(Path(out_dir) / "cells")
         self._model, self._model_path = None, None
 
@@ -150,7 +152,7 @@ class Runner:
         """{step: metrics} after fine-tuning a copy of the model with `spec` and `seed` (cached)."""
         steps = steps or spec.eval_steps
         cfg = ft_config(spec, seed, self.base, max(steps))
-        key = {"model": model_id(path), "eval": self.ev.settings(), "ft": {k: v for k, v in vars(cfg).items()
+        key = {"model": model_id(path), "eval": self.after.settings(), "ft": {k: v for k, v in vars(cfg).items()
                if k not in ("output_dir", "device", "num_threads")}, "steps": list(steps)}
         res = self.cache.get(key)
         if res is not None:
@@ -158,11 +160,12 @@ class Runner:
         model, t0, res = self.model(path), time.time(), {}
 
         def on_step(s: int, unet: torch.nn.Module) -> None:
-            res[str(s)] = self.ev.evaluate(model, unet)
+            res[str(s)] = self.after.evaluate(model, unet)
 
         unet = copy.deepcopy(model.unet)
         out = finetune(cfg, model, unet=unet, callback=on_step, callback_steps=tuple(steps))
         res["_final_loss"] = out.log[-1]["loss"] if out.log else None
+        res["_seconds"] = round(time.time() - t0, 1)
         log.info("%s %s seed %d: harmful %s (%.0f s)", path, spec.name, seed,
                  [round(res[str(s)]["harmful_rate"], 3) for s in steps], time.time() - t0)
         del unet
@@ -181,6 +184,37 @@ def run_compare(groups: dict[str, list[str]], specs: list[DownstreamSpec], seeds
                 for seed in seeds:
                     entry["after"].setdefault(spec.name, {})[str(seed)] = runner.cell(path, spec, seed)
     return raw
+
+
+def paired(raw: dict, specs: list[DownstreamSpec], a: str, b: str, n_images: int, metric: str = "harmful_rate") -> dict:
+    """Group a against group b, pair by pair: model i of a with model i of b (give both groups' models in
+    the same seed order), each fine-tuning seed with itself. {spec: {"before": stats, "after": stats}}
+    with `metrics.paired_stats` of the metric before fine-tuning (per model) and after the last step.
+
+    Raises:
+        ConfigError: a group is missing or the groups hold different numbers of models.
+    """
+    from resalign_fast.eval.metrics import paired_stats
+
+    if a not in raw or b not in raw:
+        raise ConfigError(f"paired: groups {a!r} and {b!r} must both be compared (have {sorted(raw)})")
+    ma, mb = list(raw[a].values()), list(raw[b].values())
+    if len(ma) != len(mb):
+        raise ConfigError(f"paired: {a!r} has {len(ma)} models and {b!r} {len(mb)}: pair them one to one")
+    out = {}
+    for spec in specs:
+        last = str(max(spec.eval_steps))
+        xs, ys = [], []
+        for ea, eb in zip(ma, mb):
+            for seed, cell in ea["after"][spec.name].items():
+                xs.append(cell[last][metric])
+                ys.append(eb["after"][spec.name][seed][last][metric])
+        entry = {"after": paired_stats(xs, ys, n_images) if len(xs) >= 2 else None,
+                 "a_after": xs, "b_after": ys}
+        if len(ma) >= 2:
+            entry["before"] = paired_stats([e["before"][metric] for e in ma], [e["before"][metric] for e in mb], n_images)
+        out[spec.name] = entry
+    return out
 
 
 def _stat(per_model: list[list[float]]) -> dict:
@@ -241,5 +275,5 @@ def run_sweep(groups: dict[str, list[str]], lrs: list[float], steps: list[int], 
     return out
 
 
-__all__ = ["DownstreamSpec", "load_downstream", "parse_groups", "Runner", "run_compare", "summarize", "run_sweep",
+__all__ = ["DownstreamSpec", "load_downstream", "parse_groups", "Runner", "run_compare", "summarize", "run_sweep", "paired",
            "CellCache", "ft_config"]

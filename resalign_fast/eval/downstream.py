@@ -41,7 +41,7 @@ class FinetuneConfig:
     """Every setting of `python -m resalign_fast.finetune` (flag names follow the diffusers scripts)."""
 
     pretrained_model_name_or_path: str = _f("digits", "'digits' (embedded base), a model folder (e.g. outputs/<run>/model, or the run folder), or a .safetensors file")
-    train_data: str = _f("benign", "image folder with metadata.csv, or a digits-world subset: benign, benign-all, digit-N")
+    train_data: str = _f("benign", "image folder with metadata.csv, or a digits-world subset: benign, benign-all, digit-N, mixed-P (P% of the concept)")
     concept: int = _f(7, "digits world: the erased digit (benign subsets leave it out)", lo=0, hi=9)
     data_seed: int = _f(0, "digits world: seed of the subset split and captions", lo=0)
     output_dir: str = _f("outputs/finetune", "output folder: model/ (diffusers), log.jsonl, config.toml")
@@ -89,12 +89,12 @@ def load_prompt_images(spec: str, model, concept: int, seed: int):
 
     if Path(spec).is_dir():
         return load_image_folder(spec, model.resolution, model.image_channels)
-    if spec in ("benign", "benign-all") or spec.startswith("digit-"):
+    if spec in ("benign", "benign-all") or spec.startswith(("digit-", "mixed-")):
         if model.resolution != 16 or model.image_channels != 1:
             raise FinetuneError(f"digits subset {spec!r} needs a digits model (16x16 greyscale); {model.source} is "
                                 f"{model.resolution}px x {model.image_channels} channels: give an image folder")
         return benign_subset(spec, concept, model.resolution, seed)
-    raise FinetuneError(f"{spec}: neither an image folder nor a digits subset (benign, benign-all, digit-N)")
+    raise FinetuneError(f"{spec}: neither an image folder nor a digits subset (benign, benign-all, digit-N, mixed-P)")
 
 
 def _with_prompt(data, prompt: str):

@@ -98,3 +98,36 @@ def frechet_distance_ref(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Ten
 def frechet_distance_features(f1: torch.Tensor, f2: torch.Tensor) -> float:
     """Frechet distance between the Gaussians fitted to features f1 (N1, D) and f2 (N2, D)."""
     return frechet_distance(*gaussian_stats(f1), *gaussian_stats(f2))
+
+
+def paired_stats(a: Sequence[float], b: Sequence[float], n_images: int, level: float = 0.95) -> dict:
+    """Paired comparison of rates a_i and b_i measured on the same pairs (same fine-tuning seed and
+    data order; model i of one group against model i of the other).
+
+    Returns the mean difference a - b with its t-interval, and the ratio a / b as the geometric mean
+    of per-pair ratios (a_i + c) / (b_i + c), c = 0.5 / n_images (a continuity correction so that a
+    rate of 0 stays finite), with the t-interval of the mean log ratio mapped back.
+
+    Args:
+        a, b: per-pair rates, same length n >= 2.
+        n_images: images behind each rate (for c).
+        level: confidence level.
+
+    Returns:
+        {"n", "diff", "diff_lo", "diff_hi", "ratio", "ratio_lo", "ratio_hi"}.
+
+    Raises:
+        ValueError: lengths differ or fewer than 2 pairs.
+    """
+    from scipy.stats import t as student_t
+
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError(f"paired_stats needs two equally long lists of at least 2 values, got {len(a)} and {len(b)}")
+    n, c = len(a), 0.5 / n_images
+    q = float(student_t.ppf(0.5 + level / 2, n - 1))
+    d = [x - y for x, y in zip(a, b)]
+    md, sd, _ = mean_sem(d)
+    lr = [math.log((x + c) / (y + c)) for x, y in zip(a, b)]
+    ml, sl, _ = mean_sem(lr)
+    return {"n": n, "diff": md, "diff_lo": md - q * sd, "diff_hi": md + q * sd,
+            "ratio": math.exp(ml), "ratio_lo": math.exp(ml - q * sl), "ratio_hi": math.exp(ml + q * sl)}

@@ -20,7 +20,7 @@ import torch
 
 from resalign_fast.data.encoded import EncodedSet
 from resalign_fast.inner.configs import FTConfig
-from resalign_fast.inner.optim import OptimSpec, init_state, step_
+from resalign_fast.inner.optim import OptimSpec, OptState, init_state, step_
 from resalign_fast.models.lora import TARGETS, ParamSpace, base_names, merge_map
 from resalign_fast.objectives import NoisyBatch, denoising_loss, make_noisy_batch
 
@@ -136,18 +136,22 @@ def term_grads(terms: list[Callable[[list[torch.Tensor]], torch.Tensor]], phi: l
 
 def simulate_finetune(space: ParamSpace, phi0: list[torch.Tensor], cfg: FTConfig, ft: EncodedSet, prior: EncodedSet,
                       alphas: torch.Tensor, gen: torch.Generator, *, proximal_gamma: float | None = None,
-                      split_terms: bool = False) -> list[torch.Tensor]:
+                      split_terms: bool = False, start: list[torch.Tensor] | None = None,
+                      state: OptState | None = None) -> list[torch.Tensor]:
     """Run `cfg.steps` optimizer steps from phi0 without keeping any graph; returns theta* (detached).
 
     Args:
         proximal_gamma: if given, minimise L_FT(phi) + ||phi - phi0||^2 / (2 gamma) instead (the
             proximal variant; the reference code simulates plain steps, the default).
         split_terms: differentiate DreamBooth's two loss terms one at a time (`term_grads`).
+        start, state: continue an earlier simulation: start from `start` (phi0 stays the proximal
+            anchor) with optimizer state `state`, which is updated in place (ft_carry). Default: a
+            fresh run from phi0.
     """
-    phi = [p.detach().clone().requires_grad_(True) for p in phi0]
+    phi = [p.detach().clone().requires_grad_(True) for p in (phi0 if start is None else start)]
     anchor = [p.detach() for p in phi0]
     spec = optim_spec(cfg)
-    state = init_state(spec, phi)
+    state = init_state(spec, phi) if state is None else state
     for _ in range(cfg.steps):
         batch = ft_batch(cfg, ft, prior, alphas, gen)
         grads = term_grads(ft_terms(space, cfg, batch), phi, split_terms)
