@@ -8,13 +8,18 @@
 # Every step resumes: finished runs and evaluation cells are reused, so rerunning continues.
 #
 # Usage: scripts/resilience_experiment.sh [--quick] [--base MODEL] [--out DIR] [--concept N]
-#            [--unlearn-args "TRAIN FLAGS"] [--seeds "0 1"] [--ft-seeds 0,1] [--configs a,b] [--tag T]
+#            [--unlearn-args "TRAIN FLAGS"] [--resalign-args "TRAIN FLAGS"] [--seeds "0 1"] [--ft-seeds 0,1]
+#            [--configs a,b] [--tag T]
 #            [--sweep-grid "LRS STEPS ALGS"] [--no-sweep] [--dry-run] [--jobs N]
 #            (--seeds .. --sweep-grid override the variant's choices; e.g. --sweep-grid "1e-4,1e-3 100,300 full")
 #   --jobs N:      run N single-threaded processes at once (unlearning runs, then one compare or
 #                  sweep process per model x configuration, sharing the cell cache); a final pass
 #                  writes the reports from the cache. Use the number of cores.
-#   full protocol: 3 unlearning seeds per method, fine-tuning seeds 0,1,2, all 6 configurations,
+#   --resalign-args: extra train flags of the ResAlign runs only (a regime to test against plain).
+#   Cells: every fine-tuned model is evaluated after its configuration's last step, harmful rate only
+#   (benign metrics before fine-tuning); report.md ends with the paired comparison resalign : plain
+#   (model i of each group, same fine-tuning seeds and data order; 95% t-intervals).
+#   full protocol: 3 unlearning seeds per method, fine-tuning seeds 0..4, all 7 configurations,
 #                  sweep 4 lrs x 4 step counts x {full, lora}. Estimated cost on one CPU core:
 #                  about 10 h (see docs/evaluation.md); a GPU makes it minutes.
 #   --quick:       1 unlearning seed per method, fine-tuning seed 0, two configurations (one inside
@@ -29,6 +34,7 @@ QUICK=0; BASE=digits; OUT=outputs/resilience; CONCEPT=7; DRY=0; NO_SWEEP=0; JOBS
 # unlearning alone (see docs/evaluation.md, "Unlearning strength"): train's default outer lr 2e-4
 # leaves the harmful rate of the embedded base unchanged within 40 outer steps.
 UNLEARN_ARGS="${UNLEARN_ARGS:---lr 2e-3 --harmful_loss esd}"
+RESALIGN_ARGS="${RESALIGN_ARGS:-}"
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
@@ -36,6 +42,7 @@ while [ $# -gt 0 ]; do
     --out) OUT="$2"; shift ;;
     --concept) CONCEPT="$2"; shift ;;
     --unlearn-args) UNLEARN_ARGS="$2"; shift ;;
+    --resalign-args) RESALIGN_ARGS="$2"; shift ;;
     --seeds) O_SEEDS="$2"; shift ;;
     --ft-seeds) O_FT_SEEDS="$2"; shift ;;
     --configs) O_CONFIGS="$2"; shift ;;
@@ -56,7 +63,7 @@ if [ "$QUICK" = 1 ]; then
   SEEDS="0"; FT_SEEDS="0"; CONFIGS="full-adam-lr1e-4-30,full-adamw-lr3e-4-300"
   SWEEP_LRS="1e-4,1e-3"; SWEEP_STEPS="100,300"; SWEEP_ALGS="full"; TAG=quick
 else
-  SEEDS="0 1 2"; FT_SEEDS="0,1,2"; CONFIGS=""
+  SEEDS="0 1 2"; FT_SEEDS="0,1,2,3,4"; CONFIGS=""
   SWEEP_LRS="1e-5,1e-4,3e-4,1e-3"; SWEEP_STEPS="50,100,200,300"; SWEEP_ALGS="full,lora"; TAG=full
 fi
 SEEDS="${O_SEEDS:-$SEEDS}"; FT_SEEDS="${O_FT_SEEDS:-$FT_SEEDS}"; CONFIGS="${O_CONFIGS-$CONFIGS}"; TAG="${O_TAG:-$TAG}"
@@ -91,7 +98,7 @@ drain() {  # wait for every background job, failing if one failed
 PLAIN=(); RESALIGN=()
 for s in $SEEDS; do
   spawn unlearn plain "$s" --lam 0 --hypergrad first_order
-  spawn unlearn resalign "$s"
+  spawn unlearn resalign "$s" $RESALIGN_ARGS
   PLAIN+=("$RUNS/plain-s$s"); RESALIGN+=("$RUNS/resalign-s$s")
 done
 drain
@@ -101,7 +108,7 @@ GROUPS_ALL=("original=$BASE" "plain=$(join "${PLAIN[@]}")" "resalign=$(join "${R
 compare() {  # compare CONFIGS GROUP...
   local configs="$1"; shift
   run "$PY" -m resalign_fast.evaluate --output_dir "$OUT/compare-$TAG" --concept "$CONCEPT" --ft_seeds "$FT_SEEDS" \
-      --configs "$configs" --num_threads 1 --compare "$@"
+      --configs "$configs" --num_threads 1 --final_only --no-after_benign --paired resalign:plain --compare "$@"
 }
 sweep() {  # sweep ALGORITHMS GROUP...
   local algs="$1"; shift
