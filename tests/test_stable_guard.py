@@ -85,7 +85,9 @@ def test_pullback_and_warm_start(gen):
                                   pullback=lambda v: [p @ cat(v)])
     assert not info.fallback and rel(g, [p @ exact(a, b, 1.0)]) < 1e-7
     # the returned eigenvector warm-starts the next call: one power HVP suffices for the same step
-    _, warm, _ = stable_hypergrad([direct], split(b), matvec(a), gamma=1.0, iters=5, power_iters=1, warm=u)
+    calls = []
+    _, warm, _ = stable_hypergrad([direct], split(b), matvec(a, calls), gamma=1.0, iters=5, power_iters=4, warm=u)
+    assert len(calls) == warm.hvps == 1 + 5  # one power HVP from a warm start
     _, cold, _ = stable_hypergrad([direct], split(b), matvec(a), gamma=1.0, iters=5, power_iters=1)
     assert warm.alpha_used == pytest.approx(info.alpha_used, rel=1e-2)
     assert abs(warm.alpha_used - info.alpha_used) < 0.2 * abs(cold.alpha_used - info.alpha_used)

@@ -23,7 +23,8 @@ This guard departs from it in three ways (docs/configuration.md, "guard"):
 
 Residuals r_k = b - (I + gamma H) v_k obey r_{k+1} = M r_k with M = I - alpha (I + gamma H)
 symmetric, so (guard.py, Cauchy-Schwarz) their norm ratios never decrease: one ratio above 1
-proves divergence and the solve stops there. Cost: power_iters + iters HVPs, no retries.
+proves divergence and the solve stops there. Cost: power_iters (cold) or 1 (warm) + iters HVPs, no
+retries.
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def stable_hypergrad(
         hvp: v -> H v, H the Hessian of the fine-tuning loss at theta*.
         gamma: proximal weight (0: the first-order hypergradient, no HVP).
         iters: Richardson iterations K (K HVPs).
-        power_iters: power-iteration HVPs for the step size.
+        power_iters: power-iteration HVPs for the step size from a cold start (b); one from `warm`.
         warm: start of the power iteration (the previous eigenvector in this space), else b.
         pullback: fine-tuning space -> theta's space (None: the same space).
 
@@ -122,8 +123,9 @@ def stable_hypergrad(
         raise ValueError("stable_hypergrad: the direct gradient is not finite")
     v, u = list(b), list(b)
     if gamma > 0 and iters > 0:
-        start = warm if warm is not None and len(warm) == len(b) and _norm(warm) > 0 else b
-        mu, u, info.hvps = power_iteration(hvp, start, power_iters)
+        is_warm = warm is not None and len(warm) == len(b) and _norm(warm) > 0
+        # a warm start is already close to the eigenvector: one HVP refreshes the estimate
+        mu, u, info.hvps = power_iteration(hvp, warm if is_warm else b, 1 if is_warm else power_iters)
         lo = 1 + gamma * SAFETY * min(mu, 0.0)  # the smallest eigenvalue of I + gamma H we allow for
         if not math.isfinite(mu):
             info.reasons.append("power iteration: non-finite value")
