@@ -203,7 +203,10 @@ class ResAlign:
         for i in self.dist.indices(len(configs)):
             st = stats[i] = {"lh_star": None, "retries": 0, "fallback": False, "hvps": 0, "fault": "", "slot": i}
             try:
-                g, info = self._config_hypergrad(configs[i], theta, direct, hb, config_generator(cfg.seed, s, i), st)
+                if cfg.lam == 0:  # plain unlearning: the resilience term is 0, nothing to simulate
+                    g, info = [d.detach().clone() for d in direct], None
+                else:
+                    g, info = self._config_hypergrad(configs[i], theta, direct, hb, config_generator(cfg.seed, s, i), st)
             except _SimulationFault as e:
                 st["fault"], g, info = str(e), [torch.full_like(p, float("nan")) for p in self.theta], None
             st["retries"], st["fallback"], st["hvps"] = (info.retries, bool(info.fallback), info.hvps) if info else (0, False, 0)
@@ -340,7 +343,7 @@ class ResAlign:
             with _attention_ctx(cfg, second):
                 return hvp_at(v)
 
-        if cfg.guard == "stable":
+        if cfg.guard == "stable" and cfg.solver == "richardson":
             # keyed by configuration slot, so the history does not depend on how ranks split the slots
             key = f"{st['slot']}:{c.algorithm}"
             warm = self.warm_vectors.get(key)

@@ -111,10 +111,14 @@ class CellCache:
         tmp.replace(p)
 
 
+# finetune settings that manage a run but leave its result unchanged: not part of a cell's cache key
+RUN_FIELDS = ("output_dir", "device", "num_threads", "checkpoint_every", "resume")
+
+
 def ft_config(spec: DownstreamSpec, seed: int, base: FinetuneConfig, last_step: Optional[int] = None) -> FinetuneConfig:
     """The finetune settings of one cell (no model saved; the run lasts until the last eval step)."""
     d = dict(spec.overrides, seed=seed, max_train_steps=last_step or max(spec.eval_steps), save_model=False,
-             checkpointing_steps="")
+             checkpointing_steps="", checkpoint_every=0)  # a cell is a throwaway run: no checkpoints
     return config_from_dict(FinetuneConfig, d, base=base, source=spec.name)
 
 
@@ -153,7 +157,7 @@ class Runner:
         steps = steps or spec.eval_steps
         cfg = ft_config(spec, seed, self.base, max(steps))
         key = {"model": model_id(path), "eval": self.after.settings(), "ft": {k: v for k, v in vars(cfg).items()
-               if k not in ("output_dir", "device", "num_threads")}, "steps": list(steps)}
+               if k not in RUN_FIELDS}, "steps": list(steps)}
         res = self.cache.get(key)
         if res is not None:
             return res
