@@ -77,7 +77,7 @@ class ResAlignConfig:
     alpha: float = _f(1.0, "Richardson step alpha", lo=0)
     max_grad_norm: float = _f(0.2, "guard: halve alpha when the hypergradient norm exceeds this", lo=0)
     max_retries: int = _f(5, "guard: retries before falling back to the first-order gradient", lo=0)
-    guard: str = _f("stable", "safeguard of the Richardson solve: stable (step from the measured top curvature, start at the first-order answer, fall back to the first-order resilience term) or reference (the paper's: halve alpha, retry, fall back to the direct gradient)", choices=("stable", "reference"))
+    guard: str = _f("stable", "safeguard of the Richardson solve: stable (step from the measured top curvature, start at the first-order answer, fall back to the first-order resilience term) or reference (the paper's: halve alpha, retry, fall back to the direct gradient); the cg and neumann solvers always use reference", choices=("stable", "reference"))
     power_iters: int = _f(3, "stable guard: power-iteration HVPs per solve for the step size (warm-started across outer steps)", lo=1)
     unroll_steps: int = _f(0, "unrolled mode: differentiate through the last T steps (0: all)", lo=0)
     gradient_checkpointing: bool = _f(False, "recompute UNet block activations in the backward passes")
@@ -134,8 +134,6 @@ def validate(cfg: ResAlignConfig) -> ResAlignConfig:
     if cfg.hvp == "jvp" and cfg.gradient_checkpointing:
         raise ConfigError("hvp: 'jvp' cannot be combined with gradient_checkpointing (torch.func transforms do not "
                           "support checkpointing's saved-tensor hooks); use hvp 'exact' or 'fd' with checkpointing")
-    if cfg.guard == "stable" and cfg.hypergrad == "implicit" and cfg.solver != "richardson":
-        raise ConfigError(f"guard: 'stable' guards the richardson solver; use guard 'reference' with solver {cfg.solver!r}")
     if cfg.ft_carry and (cfg.lean_full or cfg.hypergrad == "unrolled"):
         raise ConfigError("ft_carry: needs the ordinary simulation (not lean_full) and implicit or first_order hypergradients")
     if cfg.lean_full:
