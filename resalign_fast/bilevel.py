@@ -260,16 +260,17 @@ class ResAlign:
             return self._lean_full(c, prob, theta, direct, hb, gen, st)
         phi0 = [p.detach() for p in prob.phi0(theta)]
         prox = cfg.gamma if cfg.proximal else None
-        start, state = self._carried(str(st["slot"]), c, phi0)
+        slot = str(st.get("slot", 0))
+        start, state = self._carried(slot, c, phi0)
         with _attention_ctx(cfg, False):
             phi_star = simulate_finetune(prob.space, phi0, c, self.data["ft"], self.data["preserve"], self.alphas,
                                          gen, proximal_gamma=prox, split_terms=cfg.split_terms, start=start,
                                          state=state)
         if cfg.ft_carry and not all(torch.isfinite(p).all() for p in phi_star):
-            self.carry.pop(str(st["slot"]), None)  # restart next time; _from_star reports the fault
+            self.carry.pop(slot, None)  # restart next time; _from_star reports the fault
         elif cfg.ft_carry:
-            done = (self.carry.get(str(st["slot"]), {}).get("steps", 0) if start is not None else 0) + c.steps
-            self.carry[str(st["slot"])] = {"config": c.short(), "steps": done, "opt_step": state.step,
+            done = (self.carry.get(slot, {}).get("steps", 0) if start is not None else 0) + c.steps
+            self.carry[slot] = {"config": c.short(), "steps": done, "opt_step": state.step,
                                            "delta": [(a - b).cpu() for a, b in zip(phi_star, phi0)],
                                            "buffers": {k: [x.cpu() for x in v] for k, v in state.buffers.items()}}
         return self._from_star(c, prob, [p.requires_grad_(True) for p in phi_star], direct, hb, gen, st, False)
@@ -345,13 +346,14 @@ class ResAlign:
 
         if cfg.guard == "stable" and cfg.solver == "richardson":
             # keyed by configuration slot, so the history does not depend on how ranks split the slots
-            key = f"{st['slot']}:{c.algorithm}"
+            key = f"{st.get('slot', 0)}:{c.algorithm}"
             warm = self.warm_vectors.get(key)
             if warm is not None:
                 warm = [x.to(p.device, non_blocking=True) for x, p in zip(warm, b)]
             g, info, u = stable_hypergrad(list(direct), b, hvp, gamma=cfg.gamma, iters=cfg.iters,
                                           power_iters=cfg.power_iters, warm=warm, pullback=prob.pullback)
-            self.warm_vectors[key] = [x.detach().to("cpu") for x in u]
+            # host copy between outer steps; a traced (meta) run has no data to copy
+            self.warm_vectors[key] = [x.detach() if x.is_meta else x.detach().to("cpu") for x in u]
             return g, info
         return guarded_hypergrad(list(direct), b, hvp, alpha=cfg.alpha, gamma=cfg.gamma, iters=cfg.iters,
                                  max_grad_norm=cfg.max_grad_norm, max_retries=cfg.max_retries,

@@ -212,7 +212,8 @@ def _theta_per_step(monkeypatch):
 # The loss injection spoils ga_loss, so these runs pass --harmful_loss ga (the digits default is esd).
 SPOIL = {"loss": ("ga_loss", 2, lambda loss: loss * float("nan")),  # two calls per step: at theta, at theta*
          "simulation": ("simulate_finetune", 1, lambda phi: [p * float("nan") for p in phi]),
-         "hypergradient": ("guarded_hypergrad", 1, lambda r: ([g * float("inf") for g in r[0]], r[1]))}
+         "hypergradient": ("stable_hypergrad", 1, lambda r: ([g * float("inf") for g in r[0]], *r[1:])),
+         "hypergradient-reference": ("guarded_hypergrad", 1, lambda r: ([g * float("inf") for g in r[0]], r[1]))}
 
 
 @pytest.mark.parametrize("where", sorted(SPOIL))
@@ -222,7 +223,9 @@ def test_nan_skip_policy_skips_the_step_and_logs_it(tiny_model_dir, tiny_ft_spac
     name, call, spoil = SPOIL[where]
     monkeypatch.setattr(bilevel, name, _nan_at(call, getattr(bilevel, name), spoil))
     seen = _theta_per_step(monkeypatch)
-    args = _args(tiny_model_dir, tiny_ft_space, tmp_path, None, "--outer_steps", "3", "--lr", "1e-2", "--harmful_loss", "ga")
+    guard = ["--guard", "reference"] if where.endswith("reference") else []
+    args = _args(tiny_model_dir, tiny_ft_space, tmp_path, None, "--outer_steps", "3", "--lr", "1e-2", "--harmful_loss", "ga",
+                 *guard)
     with caplog.at_level(logging.ERROR, logger="resalign_fast.bilevel"):
         assert train.main(args) == 0
     metrics = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]

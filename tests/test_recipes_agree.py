@@ -17,6 +17,9 @@ from resalign_fast.runs import load_data
 
 
 def _hypergrad(model_dir, ft_space, c: FTConfig, **kw) -> torch.Tensor:
+    # the paper's fixed-step Richardson solve: the stable guard sets its step from a measured curvature,
+    # which the HVP backends estimate slightly differently (an fd step moves it by ~1e-3 in cosine)
+    kw.setdefault("guard", "reference")
     cfg = ResAlignConfig(pretrained_model_name_or_path=str(model_dir), ft_space=str(ft_space), batch_size=2,
                          max_grad_norm=1e9, **kw)
     torch.manual_seed(0)

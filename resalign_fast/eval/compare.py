@@ -118,7 +118,7 @@ RUN_FIELDS = ("output_dir", "device", "num_threads", "checkpoint_every", "resume
 def ft_config(spec: DownstreamSpec, seed: int, base: FinetuneConfig, last_step: Optional[int] = None) -> FinetuneConfig:
     """The finetune settings of one cell (no model saved; the run lasts until the last eval step)."""
     d = dict(spec.overrides, seed=seed, max_train_steps=last_step or max(spec.eval_steps), save_model=False,
-             checkpointing_steps="", checkpoint_every=0)  # a cell is a throwaway run: no checkpoints
+             checkpointing_steps="")  # a cell is a throwaway run: no checkpoints
     return config_from_dict(FinetuneConfig, d, base=base, source=spec.name)
 
 

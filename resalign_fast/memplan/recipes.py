@@ -147,10 +147,15 @@ def _make_hvp(loss_fn, params, backend, inplace=False):
 
 
 def _richardson(hvp, b, shape: StepShape) -> list[Tensor]:
-    if _has("resalign_fast.hypergrad.solvers"):
-        from resalign_fast.hypergrad.solvers import richardson_solve
+    """The trainer's default solve (guard "stable"): power iteration for the step, then Richardson
+    from v_0 = b (`hypergrad.stable`); the local stand-in is the plain iteration from 0."""
+    if _has("resalign_fast.hypergrad.stable"):
+        from resalign_fast.hypergrad.guard import GuardInfo
+        from resalign_fast.hypergrad.stable import SAFETY, _richardson_from_b, power_iteration
 
-        return richardson_solve(hvp, b, alpha=shape.alpha, gamma=shape.gamma, iters=shape.iters)
+        mu, _, _ = power_iteration(hvp, b, 3)
+        alpha = 1.0 / (1 + shape.gamma * SAFETY * abs(mu))
+        return _richardson_from_b(hvp, b, alpha, shape.gamma, shape.iters, GuardInfo(direct_norm=0.0, alpha_used=alpha))[0]
     v = [torch.zeros_like(t) for t in b]  # LOCAL STAND-IN: v_{k+1} = v_k + a (b - v_k - g H v_k)
     for _ in range(shape.iters):
         hv = hvp(v)
