@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import math
+import sys
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -78,7 +81,7 @@ class ResAlignConfig:
     max_grad_norm: float = _f(0.2, "guard: halve alpha when the hypergradient norm exceeds this", lo=0)
     max_retries: int = _f(5, "guard: retries before falling back to the first-order gradient", lo=0)
     guard: str = _f("stable", "safeguard of the Richardson solve: stable (step from the measured top curvature, start at the first-order answer, fall back to the first-order resilience term) or reference (the paper's: halve alpha, retry, fall back to the direct gradient); the cg and neumann solvers always use reference", choices=("stable", "reference"))
-    power_iters: int = _f(3, "stable guard: power-iteration HVPs per solve for the step size (warm-started across outer steps)", lo=1)
+    power_iters: int = _f(3, "stable guard: power-iteration HVPs for the step size on a configuration slot's first solve (1 afterwards, warm-started)", lo=1)
     unroll_steps: int = _f(0, "unrolled mode: differentiate through the last T steps (0: all)", lo=0)
     gradient_checkpointing: bool = _f(False, "recompute UNet block activations in the backward passes")
     split_terms: bool = _f(True, "DreamBooth configurations: differentiate the instance and prior loss terms one at a time (gradients and HVPs summed term by term; an exact HVP rebuilds its graph per term) instead of holding both forward graphs at once (planner, SD v1.4 512 px, exact HVPs: 7.64 GiB instead of 13.47 GiB)")
@@ -96,6 +99,8 @@ class ResAlignConfig:
 
 
 def _coerce(f: dataclasses.Field, value: Any) -> Any:
+    """`value` (a flag's string or a TOML value) as the field's type; booleans are no numbers, and
+    numbers must be finite (`nan < lo` is False, so a range check alone lets NaN through)."""
     t = f.type if isinstance(f.type, str) else f.type.__name__
     try:
         if t == "bool":
@@ -103,15 +108,24 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
                 if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
                     raise ValueError(value)
                 return value.lower() in ("1", "true", "yes")
+            if not isinstance(value, (bool, int)) or value not in (0, 1):
+                raise ValueError(value)
             return bool(value)
+        if t in ("int", "float") and isinstance(value, bool):
+            raise ValueError(value)  # TOML `lr = true` is no number
         if t == "int":
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)
             return int(value)
         if t == "float":
-            return float(value)
+            v = float(value)
+            if not math.isfinite(v):
+                raise ConfigError(f"{f.name}: {value!r} is not a finite number")
+            return v
         return str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError) as e:
+        if isinstance(e, ConfigError):
+            raise
         raise ConfigError(f"{f.name}: expected {t}, got {value!r}") from None
 
 
@@ -119,6 +133,8 @@ def validate_fields(cfg):
     """Check every field of any `_f`-built dataclass against its choices and range; returns cfg."""
     for f in fields(cfg):
         v, m = getattr(cfg, f.name), f.metadata
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{f.name}: {v} is not a finite number")
         if m.get("choices") and v not in m["choices"]:
             raise ConfigError(f"{f.name}: {v!r} is not one of {m['choices']}")
         if m.get("lo") is not None and v < m["lo"]:
@@ -167,17 +183,31 @@ def load_toml(path: str | Path) -> dict:
         raise ConfigError(f"{p}: not valid TOML: {e}") from None
 
 
-def build_parser(cls=ResAlignConfig, description: str = "") -> argparse.ArgumentParser:
-    """An argparse parser with one flag per dataclass field (defaults are None: only given flags override)."""
-    p = argparse.ArgumentParser(description=description)
+def build_parser(cls=ResAlignConfig, description: str = "", prog: Optional[str] = None) -> argparse.ArgumentParser:
+    """An argparse parser with one flag per dataclass field (defaults are None: only given flags override).
+
+    The description keeps its line breaks (examples stay one per line); choice flags show their
+    choices; prog is `python -m resalign_fast.<module>` when run as a module of this package.
+    ResAlignConfig's `--lr` also answers to the diffusers name `--learning_rate`.
+    """
+    if prog is None:
+        a0 = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
+        if a0 is not None and a0.suffix == ".py" and a0.parent == Path(__file__).resolve().parent:
+            prog = f"python -m resalign_fast.{a0.stem}"
+    p = argparse.ArgumentParser(description=description, prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=str, default=None, help="TOML file of settings (flags override it)")
+    aliases = {"lr": ["--learning_rate"]} if cls is ResAlignConfig else {}
     for f in fields(cls):
         m, t = f.metadata, (f.type if isinstance(f.type, str) else f.type.__name__)
         h = f"{m.get('help', '')} (default: {f.default})"
+        names = [f"--{f.name}", *aliases.get(f.name, [])]
+        if aliases.get(f.name):
+            h += f"; also {', '.join(aliases[f.name])}"
         if t == "bool":
-            p.add_argument(f"--{f.name}", dest=f.name, default=None, action=argparse.BooleanOptionalAction, help=h)
+            p.add_argument(*names, dest=f.name, default=None, action=argparse.BooleanOptionalAction, help=h)
         else:
-            p.add_argument(f"--{f.name}", dest=f.name, default=None, metavar=t.upper(), choices=m.get("choices"), help=h)
+            p.add_argument(*names, dest=f.name, default=None, metavar=None if m.get("choices") else t.upper(),
+                           choices=m.get("choices"), help=h)
     return p
 
 
@@ -201,6 +231,6 @@ def to_toml(cfg: ResAlignConfig) -> str:
             lines.append(f"{k} = {'true' if v else 'false'}")
         elif isinstance(v, (int, float)):
             lines.append(f"{k} = {v!r}")
-        else:
-            lines.append(f'{k} = "{v}"')
+        else:  # a TOML basic string: JSON's escapes (\\, \", \uXXXX) are valid TOML
+            lines.append(f"{k} = {json.dumps(str(v))}".replace("\x7f", "\\u007f"))
     return "\n".join(lines) + "\n"

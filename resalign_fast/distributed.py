@@ -229,7 +229,7 @@ def run_deepspeed_finetune(cfg, ds_config: str | os.PathLike) -> Path:
 
     from resalign_fast.eval.cliconf import dump_toml, parse_list
     from resalign_fast.eval.downstream import (FinetuneError, make_batch, make_optimizer, make_schedule, prepare_training,
-                                               resolve_model_path, save_finetuned)
+                                               resolve_model_path, save_finetuned, check_output_dir)
     from resalign_fast.models.pipeline import load_model
     from resalign_fast.runs import pick_device
 
@@ -241,8 +241,9 @@ def run_deepspeed_finetune(cfg, ds_config: str | os.PathLike) -> Path:
     if cfg.mixed_precision != "no":
         raise FinetuneError("--mixed_precision is autocast; with --deepspeed set \"bf16\" or \"fp16\" in the DeepSpeed config")
     out = Path(cfg.output_dir)
-    if (out / "model").exists():
-        raise FinetuneError(f"{out}/model exists: choose another --output_dir (nothing is overwritten)")
+    if cfg.resume:
+        raise FinetuneError("--resume is not supported with --deepspeed (its checkpoints are DeepSpeed's); run without --deepspeed")
+    check_output_dir(cfg)  # refuses an earlier run's folder
     saves = set(parse_list(cfg.checkpointing_steps, int, "checkpointing_steps"))
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)

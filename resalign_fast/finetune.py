@@ -3,8 +3,17 @@
 Fine-tunes any model the project produces (a train run's `outputs/<run>/model/` or the run folder,
 a diffusers folder, a .safetensors file) or the embedded base ("digits") the way users do, following
 the diffusers scripts (train_text_to_image, train_dreambooth, their LoRA variants). Writes
-output_dir/config.toml, log.jsonl (one line per step: loss, instance_loss, prior_loss, lr, grad_norm)
-and model/ (a diffusers folder; LoRA runs also get model/lora/). See `eval/downstream.py`.
+output_dir/config.toml, log.jsonl (one line per step: loss, instance_loss, prior_loss, lr, grad_norm),
+checkpoints/last.pt (for --resume, every --checkpoint_every steps) and model/ (a diffusers folder;
+LoRA runs also get model/lora/). See `eval/downstream.py`.
+
+An existing, non-empty --output_dir is refused unless --resume continues the run in it (same
+settings; the result equals an uninterrupted run). Every save (model/, checkpoint-<step>/) first
+checks the model: finite weights and a finite, bounded output on a probe batch; model/ is written
+to a temporary folder and renamed, so it is complete or absent.
+
+Exit status: 0 done; 2 bad input (one `error:` line, nothing written); 3 numerical failure (a
+non-finite loss, or non-finite / exploding weights or outputs: nothing saved).
 
 Examples:
     python -m resalign_fast.finetune --pretrained_model_name_or_path outputs/resalign-7-s0 --output_dir outputs/ft
@@ -23,7 +32,7 @@ from typing import Optional
 from resalign_fast.config import ConfigError
 from resalign_fast.data.sets import DataError
 from resalign_fast.eval.cliconf import parse_dataclass
-from resalign_fast.eval.downstream import FinetuneConfig, FinetuneError, run
+from resalign_fast.eval.downstream import FinetuneConfig, FinetuneDiverged, FinetuneError, run
 from resalign_fast.models.pipeline import ModelError
 from resalign_fast.runs import RunError
 
@@ -34,6 +43,7 @@ def _deepspeed_flag(p) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point; exit status 0 done, 2 bad input, 3 numerical failure (nothing saved)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg, ns = parse_dataclass(FinetuneConfig, argv, description=__doc__, extra=_deepspeed_flag)
@@ -43,6 +53,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             out = run_deepspeed_finetune(cfg, ns.deepspeed)
         else:
             out = run(cfg)
+    except FinetuneDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     except (ConfigError, DataError, FinetuneError, ModelError, RunError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -29,9 +29,12 @@ from resalign_fast.memplan.unets import MODELS
 GIB = 2**30
 PAPER_PEAK_GB = 56  # ResAlign paper: "peak 56 GB" on one A100 (GB = 1e9 bytes assumed; GiB shown too)
 TARGETS_GIB = {"fd": 6.0, "exact": 12.0}  # issue 4: LoRA configs of pi(C)
-WHOLE_TARGET_GIB = 16.0  # issue 4: every configuration, full-parameter ones included
+WHOLE_TARGET_GIB = 12.0  # issue 13 (issue 4: 16): every configuration, full-parameter ones included
 # the trainer's lean_full path (in-place simulation and fd HVPs for full-parameter configurations)
 LEAN = Recipe("fd/fused/ckpt/lean-full", hvp="fd", attention="fused", checkpointing=True, lean_full=True)
+# ... with the simulated optimizer's state in host memory (offload_optimizer_state)
+LEAN_OFFLOAD = Recipe("fd/fused/ckpt/lean-full/offload", hvp="fd", attention="fused", checkpointing=True,
+                      lean_full=True, offload_state=True)
 
 
 def our_recipes(hvps=HVP_BACKENDS, attentions=MODES, checkpointing=(False, True),
@@ -60,9 +63,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--configs", default="all", help="comma list of configuration names (e.g. lora-sgd-standard) or all")
     p.add_argument("--engine", default="spec", choices=("spec", "project"),
                    help="spec: the planner's outer step; project: resalign_fast.bilevel.ResAlign.step")
+    p.add_argument("--guard", default=None, choices=("stable", "reference"),
+                   help="engine project: the trainer's guard (default: the trainer's default; reference "
+                        "runs the plain Richardson solve that engine spec traces)")
     p.add_argument("--no-reference", action="store_true", help="skip the reference recipe")
     p.add_argument("--no-lean", action="store_true",
-                   help="skip the lean_full row (in-place full-parameter configurations, fd HVPs)")
+                   help="skip the lean_full rows (in-place full-parameter configurations, fd HVPs; "
+                        "optimizer state on the device, then offloaded to host memory)")
     p.add_argument("--no-memo", action="store_true", help="trace every step whole instead of reusing phases")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     return p.parse_args(argv)
@@ -84,7 +91,7 @@ def select(args: argparse.Namespace) -> tuple[list[Recipe], tuple[FTConfig, ...]
     if not args.no_reference:
         recipes.insert(0, REFERENCE)
     if not args.no_lean:
-        recipes.append(LEAN if args.weights == "fp32" else replace(LEAN, weights=args.weights))
+        recipes += [r if args.weights == "fp32" else replace(r, weights=args.weights) for r in (LEAN, LEAN_OFFLOAD)]
     names = [c.name for c in PI_C]
     configs = PI_C if args.configs == "all" else tuple(
         c for n in _split(args.configs, names, "configs") for c in PI_C if c.name == n)
@@ -106,13 +113,13 @@ def run(args: argparse.Namespace) -> dict:
     rows = []
     for r in recipes:
         if args.engine == "project":
-            peaks = [est.run_project(r, c) for c in configs]
+            peaks = [est.run_project(r, c, guard=args.guard) for c in configs]
         else:
             peaks = est.run_all(r, configs, memo=not args.no_memo)
         rows.append({"recipe": asdict(r), "configs": [asdict(p) for p in peaks]})
     out = {
         "model": args.model, "resolution": args.resolution, "batch": args.batch, "iters": args.iters,
-        "engine": args.engine, "target": args.target, "block": args.block, "sources": sources(),
+        "engine": args.engine, "guard": args.guard, "target": args.target, "block": args.block, "sources": sources(),
         "rows": rows, "seconds": round(time.perf_counter() - t0, 1),
     }
     out["summary"] = summarize(rows)
@@ -165,7 +172,9 @@ def format_table(out: dict) -> str:
     names = [_short(p["config"]) for p in rows[0]["configs"]] if rows else []
     w = max([len("recipe")] + [len(r["recipe"]["name"]) for r in rows])
     lines = [f"Estimated peak GPU memory (GiB) of one outer step: {out['model']}, {out['resolution']} px, "
-             f"batch {out['batch']}, K={out['iters']}, engine {out['engine']} ({out['target']} kernels, "
+             f"batch {out['batch']}, K={out['iters']}, engine {out['engine']}"
+             + (f" (guard {out['guard']})" if out["engine"] == "project" and out.get("guard") else "")
+             + f" ({out['target']} kernels, "
              f"{out['block']} B blocks)",
              "implementations run: " + ", ".join(f"{k}={v}" for k, v in out["sources"].items()), ""]
     head = f"{'recipe':<{w}} " + " ".join(f"{n:>{max(len(n), 6)}}" for n in names) + "  max-lora  max-all"

@@ -4,10 +4,11 @@
 The paper built its D_harmful (150 prompts), D_preserve (140) and D_FT (100) this way: images that
 the base model itself generates for each prompt. The output is an image folder that
 `--harmful_data` / `--preserve_data` / `--ft_data` take: `000000.png, ...` and `metadata.csv`
-(`file_name,text`).
+(`file_name,text`). The image size is the model's (its UNet sample size x the VAE's scale: 16 px
+greyscale for the digits model, 512 px RGB for SD v1.x); there is no size flag.
 
 Prompt files: `.csv` with a header and a prompt column (`prompt`, `text` or `caption`, or
-`--prompt_column`), or a text file with one prompt per line. Blank prompts are skipped and counted.
+`--prompt_column`), or a text file with one prompt per line. Blank prompts are skipped; their count is printed (a warning, and the final `done:` line).
 
 Robustness: an existing non-empty `--out` is never overwritten; `--resume` continues a killed run
 (same settings required; finished batches are kept, image j's noise depends only on the seed and j's
@@ -74,7 +75,8 @@ def read_prompts(path: str | Path, column: Optional[str] = None) -> tuple[list[s
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m resalign_fast.prepare_data", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", required=True, help="prompt list: .csv with a prompt column, or one prompt per line")
     ap.add_argument("--out", required=True, help="output image folder (must be new or empty, unless --resume)")
     ap.add_argument("--pretrained_model_name_or_path", default="digits",
@@ -139,21 +141,34 @@ def _save_image(img: torch.Tensor, path: Path) -> None:
     tmp.replace(path)
 
 
+def check_numbers(ns: argparse.Namespace) -> None:
+    """Range checks of the numeric flags, before anything is written; NaN/inf are refused
+    (`nan < 0` is False, and guidance NaN made every image black)."""
+    import math
+
+    for k in ("images_per_prompt", "steps", "batch_size"):
+        if getattr(ns, k) < 1:
+            raise PrepareError(f"--{k}: {getattr(ns, k)} is below the minimum 1")
+    if not math.isfinite(ns.guidance):
+        raise PrepareError(f"--guidance: {ns.guidance} is not a finite number")
+    if ns.guidance < 0:
+        raise PrepareError(f"--guidance: {ns.guidance} is below the minimum 0")
+
+
 def prepare(ns: argparse.Namespace) -> tuple[Path, int]:
     """Generate the image set described by parsed flags `ns`; returns (out folder, images written now)."""
     from resalign_fast.models.pipeline import load_model
     from resalign_fast.models.sampling import generate
     from resalign_fast.runs import pick_device
 
-    for k in ("images_per_prompt", "steps", "batch_size"):
-        if getattr(ns, k) < 1:
-            raise PrepareError(f"--{k}: {getattr(ns, k)} is below the minimum 1")
-    if ns.guidance < 0:
-        raise PrepareError(f"--guidance: {ns.guidance} is below the minimum 0")
+    check_numbers(ns)
     prompts, blank = read_prompts(ns.prompts, ns.prompt_column)
     if blank:
         log.warning("%s: skipped %d blank prompt(s)", ns.prompts, blank)
+    ns.blank_prompts = blank
     out = Path(ns.out)
+    if out.exists() and not out.is_dir():
+        raise PrepareError(f"--out {out}: exists and is not a folder")
     settings = _settings(ns, prompts)
     _check_out(out, settings, ns.resume)
     model = load_model(ns.pretrained_model_name_or_path, device=pick_device(ns.device), frozen_dtype=ns.frozen_dtype,
@@ -189,7 +204,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (PrepareError, ModelError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"done: {out} ({n} images generated)")
+    blank = getattr(ns, "blank_prompts", 0)
+    print(f"done: {out} ({n} images generated" + (f"; {blank} blank prompt(s) skipped)" if blank else ")"))
     return 0
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -25,11 +27,75 @@ class RunError(RuntimeError):
     """A run that cannot start or continue as asked; the message says why."""
 
 
+class ModelDiverged(RuntimeError):
+    """The trained model is numerically broken (non-finite or exploding); nothing was saved."""
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write a text file so that a kill leaves either the old or the new content."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path):
+    """Yield a temporary folder beside `final`; when the block ends without an exception it becomes
+    `final` (replacing an older one) by rename, so a kill leaves either no `final` or a complete one.
+
+    A killed writer leaves only `.<name>.tmp-<pid>` (never loadable as `final`); it is removed by the
+    next write into the same parent.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".{final.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for stale in final.parent.glob(f".{final.name}.old-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+
+
+def lock_folder(folder: Path):
+    """An exclusive lock on `folder` (created if needed) for as long as the returned file stays open:
+    a second run into the same folder fails at once. The kernel drops the lock when the process
+    ends, SIGKILL included, so a killed run never leaves a stale lock behind.
+
+    Raises:
+        RunError: another process holds the lock.
+    """
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    f = open(folder / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise RunError(f"{folder} is in use by another run (it holds {folder / '.lock'}); wait for it or choose "
+                       f"another folder") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def folder_contents(folder: Path) -> list[str]:
+    """Names in `folder` other than the lock file (empty when the folder does not exist)."""
+    return sorted(p.name for p in folder.iterdir() if p.name != ".lock") if folder.is_dir() else []
 
 
 def check_resume_config(out: Path, cfg: ResAlignConfig) -> None:
@@ -81,7 +147,7 @@ def load_data(cfg: ResAlignConfig, model, device: torch.device) -> dict:
                            f"{model.resolution}px x {model.image_channels} channels: pass --harmful_data etc.")
         sets = digits_world(cfg.concept, model.resolution, cfg.seed)
         harm_prompts = [caption(cfg.concept, 0), caption(cfg.concept, 1)]
-        benign_prompts = [caption(d, 0) for d in range(10) if d != cfg.concept][:4]
+        benign_prompts = [caption(d, 0) for d in range(10) if d != cfg.concept]  # every benign digit: drift shows
     cache = Path(cfg.output_dir) / ".cache" if model.vae is not None else None
     enc = {k: encode_set(model, s, device, cache) for k, s in sets.items()}
     enc["_sample_prompts"] = (harm_prompts, benign_prompts)
@@ -168,11 +234,16 @@ def export_run(out: Path, cfg: ResAlignConfig, model, algo) -> None:
     model/ loads with `StableDiffusionPipeline.from_pretrained` when the base is an SD pipeline;
     lora/ loads onto the base model with `pipe.load_lora_weights(out / "lora")`.
 
+    Both are written into a temporary folder and renamed into place (`atomic_dir`): a kill during
+    the export leaves no model/ (or the previous complete one), never a half-written one.
+
     Raises:
-        RunError: theta holds NaN/inf (never saved).
+        RunError: theta holds NaN/inf, or the merged UNet's weights or probe output are non-finite
+            or exploding (`models.health`); nothing is saved.
     """
     from diffusers import UNet2DConditionModel
 
+    from resalign_fast.models.health import UnhealthyModel, check_unet
     from resalign_fast.models.lora import merged_state_dict
     from resalign_fast.models.pipeline import save_model
 
@@ -184,18 +255,30 @@ def export_run(out: Path, cfg: ResAlignConfig, model, algo) -> None:
     missing, unexpected = plain.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise RunError(f"export: merged state dict mismatch (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    save_model(model, out / "model", unet=plain, extra={"resalign_fast_run": str(out.name)})
+    plain.to(next(unet.parameters()).device)
+    try:
+        check_unet(plain, model)
+    except UnhealthyModel as e:
+        raise ModelDiverged(f"the unlearned model is broken: {e}; not exporting") from None
+    with atomic_dir(out / "model") as tmp:
+        save_model(model, tmp, unet=plain, extra={"resalign_fast_run": str(out.name)})
     if cfg.theta == "lora":
-        from diffusers import StableDiffusionPipeline
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
+        with atomic_dir(out / "lora") as tmp:
+            _save_lora(tmp, cfg, unet)
 
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-        # the adapter's LoraConfig travels in the file's metadata, so that load_lora_weights applies
-        # alpha/rank (without it diffusers assumes alpha = rank)
-        meta = {k: v for k, v in unet.peft_config["default"].to_dict().items() if k in ("r", "lora_alpha", "target_modules")}
-        meta["target_modules"] = sorted(meta["target_modules"]) if isinstance(meta["target_modules"], (set, list)) else meta["target_modules"]
-        StableDiffusionPipeline.save_lora_weights(out / "lora", unet_lora_layers=layers, safe_serialization=True,
-                                                  unet_lora_adapter_metadata=meta)
-        (out / "lora" / "adapter_config.json").write_text(json.dumps(
-            {"r": cfg.lora_rank, "lora_alpha": cfg.lora_alpha, "placement": cfg.lora_placement}, indent=2))
+
+def _save_lora(folder: Path, cfg: ResAlignConfig, unet) -> None:
+    """theta's adapter in diffusers' LoRA format (+ adapter_config.json) into `folder`."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    # the adapter's LoraConfig travels in the file's metadata, so that load_lora_weights applies
+    # alpha/rank (without it diffusers assumes alpha = rank)
+    meta = {k: v for k, v in unet.peft_config["default"].to_dict().items() if k in ("r", "lora_alpha", "target_modules")}
+    meta["target_modules"] = sorted(meta["target_modules"]) if isinstance(meta["target_modules"], (set, list)) else meta["target_modules"]
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True,
+                                              unet_lora_adapter_metadata=meta)
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"r": cfg.lora_rank, "lora_alpha": cfg.lora_alpha, "placement": cfg.lora_placement}, indent=2))

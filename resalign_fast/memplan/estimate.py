@@ -158,10 +158,11 @@ class Estimator:
             return 0, 0.0, _why(e)
         return rep.phases[phase].peak, sec, ""
 
-    def run_project(self, recipe: Recipe, config: FTConfig) -> ConfigPeak:
+    def run_project(self, recipe: Recipe, config: FTConfig, guard: str | None = None) -> ConfigPeak:
         """Estimated peak of the project's own outer step (`memplan.project`) for `config`.
 
         A fresh meta UNet is built each time (the trainer adds its adapter and settings to it).
+        `guard`: the trainer's config field of that name (None: its default).
         """
         from resalign_fast.memplan.project import available, project_step
 
@@ -175,7 +176,7 @@ class Estimator:
         try:
             with reference_ops(), sdpa_as(self.target), tracker:
                 tracker.register(list(unet.parameters()) + list(unet.buffers()))
-                project_step(unet, self.spec, recipe, config, self.shape, host=tracker.host)
+                project_step(unet, self.spec, recipe, config, self.shape, host=tracker.host, guard=guard)
         except Exception as e:
             return ConfigPeak(config.name, None, error=_why(e), seconds=time.perf_counter() - t0)
         rep = tracker.report()
@@ -199,7 +200,7 @@ def _phase_key(phase: str, recipe: Recipe, c: FTConfig) -> tuple:
     if phase == "grads at theta":
         return base
     if phase == "simulate":
-        return base + (c.algo, c.optim, c.loss, split)
+        return base + (c.algo, c.optim, c.loss, split, recipe.offload_state and c.algo == "full")
     return base + (recipe.hvp, c.algo, c.loss, split)  # the optimizer state is gone by then
 
 

@@ -14,7 +14,7 @@ from typing import Callable, ContextManager
 
 import torch
 
-from resalign_fast.memplan.recipes import FTConfig, Recipe, StepShape
+from resalign_fast.memplan.recipes import FTConfig, Recipe, StepShape, host_allocations
 from resalign_fast.memplan.unets import ModelSpec
 
 
@@ -28,7 +28,8 @@ def available() -> str:
 
 
 def project_step(unet: torch.nn.Module, spec: ModelSpec, recipe: Recipe, C: FTConfig, shape: StepShape,
-                 device: str = "meta", host: Callable[[], ContextManager] | None = None) -> None:
+                 device: str = "meta", host: Callable[[], ContextManager] | None = None,
+                 guard: str | None = None) -> None:
     """Run `ResAlign.step(0)` with one configuration equal to C.
 
     Args:
@@ -38,8 +39,11 @@ def project_step(unet: torch.nn.Module, spec: ModelSpec, recipe: Recipe, C: FTCo
             project's business here and is ignored.
         device: where the data tensors live ("meta" for an estimate).
         host: context manager under which storages count as host memory (`StorageTracker.host`):
-            the lean path's backup of the starting weights (`inner.inplace.host_backup`) runs
-            under it. None: counted like any other storage.
+            what the lean path allocates in host memory (`inner.inplace.host_empty`: the backup
+            of the starting weights, the offloaded optimizer state) runs under it. None: counted
+            like any other storage.
+        guard: the trainer's config field `guard` ("stable", "reference"); None: its default.
+            "reference" (no retries here) runs the plain Richardson solve that `recipes` traces.
     """
     from resalign_fast.bilevel import ResAlign
     from resalign_fast.config import ResAlignConfig
@@ -52,7 +56,8 @@ def project_step(unet: torch.nn.Module, spec: ModelSpec, recipe: Recipe, C: FTCo
         gradient_checkpointing=recipe.checkpointing, batch_size=shape.batch, iters=shape.iters,
         configs_per_step=1, lam=shape.lam, gamma=shape.gamma, alpha=shape.alpha,
         max_grad_norm=float("inf"), max_retries=0, progress=False, split_terms=recipe.split_terms,
-        lean_full=recipe.lean_full)
+        lean_full=recipe.lean_full, offload_optimizer_state=recipe.offload_state,
+        **({} if guard is None else {"guard": guard}))
     n = shape.batch
 
     def encoded() -> EncodedSet:
@@ -65,19 +70,17 @@ def project_step(unet: torch.nn.Module, spec: ModelSpec, recipe: Recipe, C: FTCo
                                optimizer=C.optim, batch_size=n),))
     data = {"harmful": encoded(), "preserve": encoded(), "ft": encoded()}
     trainer = ResAlign(cfg, model, data, space, torch.randn(spec.text_shape(1), device=device))
-    if host is None:
-        trainer.step(0)
-        return
     import resalign_fast.bilevel as bilevel
 
-    backup = bilevel.host_backup
+    simulate = bilevel.simulate_inplace
 
-    def host_backup(params):
-        with host():
-            return backup(params)
+    def simulate_inplace(*args, offload=None, **kwargs):
+        # the config field, for as long as bilevel does not pass it itself
+        return simulate(*args, offload=cfg.offload_optimizer_state if offload is None else offload, **kwargs)
 
-    bilevel.host_backup = host_backup  # on meta tensors the backup cannot go to real host memory
+    bilevel.simulate_inplace = simulate_inplace
     try:
-        trainer.step(0)
+        with host_allocations(host):  # on meta tensors host memory cannot be real host memory
+            trainer.step(0)
     finally:
-        bilevel.host_backup = backup
+        bilevel.simulate_inplace = simulate

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, ContextManager, Iterator
 
 import torch
 from torch import Tensor
@@ -82,6 +82,9 @@ class Recipe:
             trainer's config field of the same name): host backup of the starting weights and
             optimizer-in-backward (`resalign_fast.inner.inplace`), in-place fd HVPs
             (`make_hvp(..., inplace=True)`).
+        offload_state: with `lean_full`, the simulated optimizer's state lives in host memory and
+            is streamed per parameter (`simulate_inplace(..., offload=True)`, the trainer's config
+            field `offload_optimizer_state`).
     """
 
     name: str
@@ -92,6 +95,7 @@ class Recipe:
     split_terms: bool = True
     chunk: int = 1024
     lean_full: bool = False
+    offload_state: bool = False
 
 
 REFERENCE = Recipe("reference", hvp="exact", attention="math", checkpointing=False, split_terms=False)
@@ -188,6 +192,30 @@ class _Optimizer:
                 self._step(self._spec, self.params, grads, self._state)
         for p in self.params:
             p.grad = None
+
+
+@contextlib.contextmanager
+def host_allocations(host: Callable[[], ContextManager] | None) -> Iterator[None]:
+    """While the block runs, what `resalign_fast.inner.inplace` allocates in host memory (its
+    `host_empty`: the lean path's weight backup and offloaded optimizer state) is made under
+    `host()` (`StorageTracker.host`: counted as host memory; on meta or CPU tensors it cannot
+    really go there). None: nothing changes."""
+    if host is None:
+        yield
+        return
+    from resalign_fast.inner import inplace
+
+    host_empty = inplace.host_empty
+
+    def counted_as_host(like: Tensor) -> Tensor:
+        with host():
+            return host_empty(like)
+
+    inplace.host_empty = counted_as_host
+    try:
+        yield
+    finally:
+        inplace.host_empty = host_empty
 
 
 # -- the step ------------------------------------------------------------------------------
@@ -326,11 +354,12 @@ class OuterStep:
                 from resalign_fast.inner import optim
                 from resalign_fast.inner.inplace import host_backup, simulate_inplace
 
-                with self.tracker.host() if self.tracker is not None else contextlib.nullcontext():
+                with host_allocations(None if self.tracker is None else self.tracker.host):
                     backup = host_backup(params)
-                for p in params:
-                    p.requires_grad_(True)
-                simulate_inplace(params, self._ft_loss(C), optim.OptimSpec(C.optim, lr=1e-5), self.shape.sim_steps)
+                    for p in params:
+                        p.requires_grad_(True)
+                    simulate_inplace(params, self._ft_loss(C), optim.OptimSpec(C.optim, lr=1e-5), self.shape.sim_steps,
+                                     offload=self.recipe.offload_state)
                 return backup
             backup = [p.detach().clone() for p in params]
             for p in params:

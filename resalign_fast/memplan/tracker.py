@@ -201,6 +201,13 @@ class StorageTracker(TorchDispatchMode):
             return True if dtype == torch.bool else (1.0 if dtype.is_floating_point else 1)
         if self.explain_at is not None:
             self._op = f"{self._phase}: {func.__name__}"
+        if (func is torch.ops.aten._to_copy.default and args[0].device.type == "meta"
+                and torch.device((kwargs or {}).get("device") or "meta").type == "cpu"):
+            # a copy to host memory (x.to("cpu"), x.cpu()) of a meta tensor: meta data cannot be
+            # copied out, so it is answered with a CPU tensor of that shape holding no memory (one
+            # zero, expanded); host memory is not counted, and a copy back is a new device tensor
+            dtype = (kwargs or {}).get("dtype") or args[0].dtype
+            return torch.zeros((), dtype=dtype).expand(args[0].shape)
         if self.run_op is None:
             out = func(*args, **(kwargs or {}))
         else:
