@@ -45,7 +45,7 @@ class ResAlignConfig:
     run_name: str = _f("", "run folder name under output_dir (empty: resalign-<concept>-s<seed>)")
     seed: int = _f(0, "seed of everything", lo=0)
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
-    num_threads: int = _f(1, "CPU threads for torch (0: torch's default). digits: 1; an outer step took 10 s with 1 thread and over 8 minutes with 2 while another process held a core", lo=0)
+    num_threads: int = _f(0, "torch CPU threads (0: the faster of 1 and torch's default, measured at start on this machine; see threads.py)", lo=0)
     frozen_dtype: str = _f("fp32", "dtype of the frozen VAE, text encoder and original-UNet copy (bf16/fp16 save GPU memory)", choices=("fp32", "bf16", "fp16"))
     allow_pickle: bool = _f(False, "also read pickled .bin/.ckpt weights (torch.load weights_only=True); safetensors only otherwise")
     single_file_config: str = _f("", "local diffusers folder with the component configs of a single-file checkpoint")
@@ -203,6 +203,7 @@ def build_parser(cls=ResAlignConfig, description: str = "", prog: Optional[str] 
         names = [f"--{f.name}", *aliases.get(f.name, [])]
         if aliases.get(f.name):
             h += f"; also {', '.join(aliases[f.name])}"
+        h = h.replace("%", "%%")  # argparse formats help strings with %
         if t == "bool":
             p.add_argument(*names, dest=f.name, default=None, action=argparse.BooleanOptionalAction, help=h)
         else:
@@ -211,9 +212,9 @@ def build_parser(cls=ResAlignConfig, description: str = "", prog: Optional[str] 
     return p
 
 
-def parse_config(argv: Optional[list[str]] = None, description: str = "") -> ResAlignConfig:
-    """Defaults < --config TOML < flags, validated."""
-    ns = build_parser(description=description).parse_args(argv)
+def parse_config(argv: Optional[list[str]] = None, description: str = "", prog: Optional[str] = None) -> ResAlignConfig:
+    """Defaults < --config TOML < flags, validated (prog: the command shown in usage lines)."""
+    ns = build_parser(description=description, prog=prog).parse_args(argv)
     cfg = from_dict(load_toml(ns.config), source=ns.config) if ns.config else ResAlignConfig()
     flags = {k: v for k, v in vars(ns).items() if k != "config" and v is not None}
     return from_dict(flags, base=cfg, source="command line")

@@ -28,6 +28,8 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from resalign_fast.threads import set_threads
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -245,8 +247,7 @@ def run_deepspeed_finetune(cfg, ds_config: str | os.PathLike) -> Path:
         raise FinetuneError("--resume is not supported with --deepspeed (its checkpoints are DeepSpeed's); run without --deepspeed")
     check_output_dir(cfg)  # refuses an earlier run's folder
     saves = set(parse_list(cfg.checkpointing_steps, int, "checkpointing_steps"))
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
+    set_threads(cfg.num_threads)
     own_env = _single_process_env()
     device = pick_device(cfg.device)
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")

@@ -31,6 +31,8 @@ import torch
 from resalign_fast.config import ConfigError, _f
 from resalign_fast.eval.cliconf import dump_toml, parse_dataclass, parse_list
 from resalign_fast.eval.evaluators import DIGITS_GUIDANCE, DIGITS_STEPS
+from resalign_fast.eval.report import rounded
+from resalign_fast.threads import set_threads
 
 log = logging.getLogger("resalign_fast.evaluate")
 
@@ -67,7 +69,7 @@ class EvalConfig:
     sweep_optimizer: str = _f("adamw", "--sweep: optimizer", choices=("sgd", "adam", "adamw"))
     sweep_batch_size: int = _f(16, "--sweep: fine-tuning batch size", lo=1)
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
-    num_threads: int = _f(0, "torch CPU threads (0: torch's default)", lo=0)
+    num_threads: int = _f(0, "torch CPU threads (0: the faster of 1 and torch's default, measured at start on this machine; see threads.py)", lo=0)
 
 
 def make_evaluator(cfg: EvalConfig, benign: bool = True):
@@ -183,9 +185,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         g.add_argument("--sweep", nargs="+", metavar="LABEL=PATH[,PATH]", help="harmful rate over lr x steps per model group")
 
     try:
-        cfg, ns = parse_dataclass(EvalConfig, argv, description=__doc__, extra=extra)
-        if cfg.num_threads:
-            torch.set_num_threads(cfg.num_threads)
+        cfg, ns = parse_dataclass(EvalConfig, argv, description=__doc__, extra=extra,
+                                  prog="python -m resalign_fast.evaluate")
+        set_threads(cfg.num_threads)
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.toml").write_text(dump_toml(cfg))
@@ -196,7 +198,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             sweep(cfg, ns.sweep, out)
             print((out / "sweep.md").read_text())
         else:
-            print(json.dumps(single(cfg, out)["metrics"], indent=2))
+            print(json.dumps(rounded(single(cfg, out)["metrics"]), indent=2))  # metrics.json keeps every digit
     except (ConfigError, DataError, DetectorError, FinetuneError, ModelError, RunError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -46,7 +46,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     """Entry point; exit status 0 done, 2 bad input, 3 numerical failure (nothing saved)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        cfg, ns = parse_dataclass(FinetuneConfig, argv, description=__doc__, extra=_deepspeed_flag)
+        cfg, ns = parse_dataclass(FinetuneConfig, argv, description=__doc__, extra=_deepspeed_flag,
+                                  prog="python -m resalign_fast.finetune")
         if ns.deepspeed:
             from resalign_fast.distributed import run_deepspeed_finetune
 

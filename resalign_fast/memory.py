@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resolution", type=int, default=512, help="image side in pixels")
     p.add_argument("--batch", type=int, default=1, help="images per forward pass")
     p.add_argument("--iters", type=int, default=5, help="Richardson iterations K")
-    p.add_argument("--sim-steps", type=int, default=1,
+    p.add_argument("--sim_steps", "--sim-steps", type=int, default=1,
                    help="simulated fine-tuning steps traced (no graph is kept between steps: 1 gives the peak)")
     p.add_argument("--weights", default="fp32", choices=("fp32", "bf16", "fp16"),
                    help="dtype of the frozen base weights in our recipes (the reference is fp32)")
@@ -66,11 +66,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--guard", default=None, choices=("stable", "reference"),
                    help="engine project: the trainer's guard (default: the trainer's default; reference "
                         "runs the plain Richardson solve that engine spec traces)")
-    p.add_argument("--no-reference", action="store_true", help="skip the reference recipe")
-    p.add_argument("--no-lean", action="store_true",
+    p.add_argument("--no_reference", "--no-reference", action="store_true", help="skip the reference recipe")
+    p.add_argument("--no_lean", "--no-lean", action="store_true",
                    help="skip the lean_full rows (in-place full-parameter configurations, fd HVPs; "
                         "optimizer state on the device, then offloaded to host memory)")
-    p.add_argument("--no-memo", action="store_true", help="trace every step whole instead of reusing phases")
+    p.add_argument("--no_memo", "--no-memo", action="store_true", help="trace every step whole instead of reusing phases")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     return p.parse_args(argv)
 
@@ -101,7 +101,7 @@ def select(args: argparse.Namespace) -> tuple[list[Recipe], tuple[FTConfig, ...]
 def run(args: argparse.Namespace) -> dict:
     """Trace every recipe x configuration; the result as a JSON-ready dict."""
     if args.resolution <= 0 or args.batch <= 0 or args.iters < 1 or args.sim_steps < 1 or args.block < 1:
-        raise SystemExit("error: --resolution, --batch, --iters, --sim-steps and --block must be positive")
+        raise SystemExit("error: --resolution, --batch, --iters, --sim_steps and --block must be positive")
     recipes, configs = select(args)
     shape = StepShape(batch=args.batch, resolution=args.resolution, iters=args.iters, sim_steps=args.sim_steps)
     try:
@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> dict:
         "engine": args.engine, "guard": args.guard, "target": args.target, "block": args.block, "sources": sources(),
         "rows": rows, "seconds": round(time.perf_counter() - t0, 1),
     }
-    out["summary"] = summarize(rows)
+    out["summary"] = summarize(rows, complete=len(configs) == len(PI_C))
     return out
 
 
@@ -132,11 +132,17 @@ def _max(peaks: list[dict], algo: str | None = None) -> int | None:
     return None if not vals or any(v is None for v in vals) else max(vals)
 
 
-def summarize(rows: list[dict]) -> dict:
-    """Reference vs the paper's 56 GB, and the best recipe of each HVP backend vs the issue's targets."""
-    s: dict = {}
+def summarize(rows: list[dict], complete: bool = True) -> dict:
+    """Reference vs the paper's 56 GB, and the best recipe of each HVP backend vs the issue's targets.
+
+    complete: every configuration of pi(C) was traced. Otherwise the conclusions about the whole of
+    pi(C) (the paper's ratio, "all configurations") are left out: only what was traced is reported.
+    """
+    s: dict = {"complete": complete}
     ref = next((r for r in rows if r["recipe"]["name"] == REFERENCE.name), None)
-    if ref is not None and _max(ref["configs"]) is not None:
+    if ref is not None and _max(ref["configs"]) is not None and not complete:
+        s["reference"] = {"max_bytes": _max(ref["configs"]), "max_lora_bytes": _max(ref["configs"], "lora")}
+    elif ref is not None and _max(ref["configs"]) is not None:
         m = _max(ref["configs"])
         s["reference"] = {"max_bytes": m, "max_lora_bytes": _max(ref["configs"], "lora"),
                           "paper_gb": PAPER_PEAK_GB, "ratio_to_paper": round(m / (PAPER_PEAK_GB * 1e9), 3)}
@@ -148,10 +154,10 @@ def summarize(rows: list[dict]) -> dict:
             v, name = min(cand)
             t = TARGETS_GIB.get(hvp)
             s[f"best_lora_{hvp}"] = {"recipe": name, "bytes": v, "target_gib": t,
-                                     "meets": None if t is None else v <= t * GIB}
+                                     "meets": None if t is None or not complete else v <= t * GIB}
     whole = [(_max(r["configs"]), r["recipe"]["name"]) for r in ours]
     whole = [w for w in whole if w[0] is not None]
-    if whole:
+    if whole and complete:
         v, name = min(whole)
         s["best_whole"] = {"recipe": name, "bytes": v, "target_gib": WHOLE_TARGET_GIB, "meets": v <= WHOLE_TARGET_GIB * GIB}
     return s
@@ -164,6 +170,26 @@ def _short(config: str) -> str:
 
 def _gib(v: int | None) -> str:
     return "n/a" if v is None else f"{v / GIB:.2f}"
+
+
+# known causes of a failed trace, by a piece of torch's message: (piece, what it means)
+REASONS = (
+    ("saved tensor hooks", "forward-mode (jvp) HVPs cannot run under activation recomputation: torch's "
+                           "checkpointing relies on saved-tensor hooks, which forward AD does not support"),
+    ("meta tensor", "the step reads tensor values, which the planner's meta tensors do not hold (a gap in the "
+                    "planner, not a memory limit)"),
+    ("out of memory", "the trace itself ran out of host memory"),
+)
+
+
+def readable(error: str) -> str:
+    """A failed trace's footnote: the reason in words when it is a known one, then torch's own text."""
+    raw = " ".join(error.split())
+    raw = raw if len(raw) <= 160 else raw[:157] + "..."
+    for piece, why in REASONS:
+        if piece in error.lower():
+            return f"{why} (torch: {raw})"
+    return raw
 
 
 def format_table(out: dict) -> str:
@@ -185,9 +211,10 @@ def format_table(out: dict) -> str:
         for p in r["configs"]:
             cell = _gib(p["peak"])
             if p["peak"] is None:
-                if p["error"] not in notes:
-                    notes.append(p["error"])
-                cell += f"[{notes.index(p['error']) + 1}]"
+                note = readable(p["error"])
+                if note not in notes:
+                    notes.append(note)
+                cell += f"[{notes.index(note) + 1}]"
             cells.append(f"{cell:>{max(len(_short(p['config'])), 6)}}")
         lines.append(f"{r['recipe']['name']:<{w}} " + " ".join(cells)
                      + f"  {_gib(_max(r['configs'], 'lora')):>8}  {_gib(_max(r['configs'])):>7}")
@@ -195,20 +222,26 @@ def format_table(out: dict) -> str:
     lines += [f"[{i + 1}] {n}" for i, n in enumerate(notes)]
     s = out["summary"]
     lines.append("")
-    if "reference" in s:
+    traced = [p["config"] for p in rows[0]["configs"]] if rows else []
+    scope = "LoRA configs" if s.get("complete", True) else "traced LoRA configs"
+    if "reference" in s and "ratio_to_paper" in s["reference"]:
         ref = s["reference"]
         lines.append(f"reference recipe: {ref['max_bytes'] / 1e9:.1f} GB ({_gib(ref['max_bytes'])} GiB) at its "
                      f"largest configuration; the paper reports {PAPER_PEAK_GB} GB: ratio {ref['ratio_to_paper']:.2f} "
                      f"(gap {(ref['ratio_to_paper'] - 1) * 100:+.0f}%). LoRA configurations only: "
                      f"{_gib(ref['max_lora_bytes'])} GiB.")
+    elif "reference" in s:
+        lines.append(f"reference recipe: {_gib(s['reference']['max_bytes'])} GiB at most over the traced "
+                     f"configurations ({', '.join(traced)}); trace --configs all to compare with the paper")
     ref_l = _gib(s["reference"]["max_lora_bytes"]) if "reference" in s else "n/a"
     ref_a = _gib(s["reference"]["max_bytes"]) if "reference" in s else "n/a"
     for hvp in HVP_BACKENDS:
         b = s.get(f"best_lora_{hvp}")
         if b:
-            tgt = "" if b["target_gib"] is None else (f", target <= {b['target_gib']:g} GiB: "
-                                                      + ("met" if b["meets"] else "NOT met"))
-            lines.append(f"LoRA configs, {hvp} HVPs: best {b['recipe']} {_gib(b['bytes'])} GiB "
+            tgt = ""
+            if b["target_gib"] is not None and b["meets"] is not None:
+                tgt = f", target <= {b['target_gib']:g} GiB: " + ("met" if b["meets"] else "NOT met")
+            lines.append(f"{scope}, {hvp} HVPs: best {b['recipe']} {_gib(b['bytes'])} GiB "
                          f"(reference {ref_l}){tgt}")
     if "best_whole" in s:
         b = s["best_whole"]

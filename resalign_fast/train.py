@@ -33,6 +33,7 @@ from typing import Optional
 
 import torch
 
+from resalign_fast.threads import set_threads
 from resalign_fast.config import ConfigError, ResAlignConfig, parse_config, to_toml
 from resalign_fast.distributed import DistContext
 from resalign_fast.runs import (ModelDiverged, RunError, check_resume_config, checkpoint_load, checkpoint_read, checkpoint_save,
@@ -82,8 +83,7 @@ def run(cfg: ResAlignConfig, dist: Optional[DistContext] = None) -> Path:
     from resalign_fast.models.pipeline import load_model
 
     dist = dist or DistContext()
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
+    set_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
     out = Path(cfg.output_dir) / (cfg.run_name or f"resalign-{cfg.concept}-s{cfg.seed}")
@@ -220,7 +220,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     main_rank = True
     try:
-        cfg = parse_config(argv, description=__doc__)
+        cfg = parse_config(argv, description=__doc__, prog="python -m resalign_fast.train")
         dist = distributed.setup(cfg.device)
         main_rank = dist.is_main
         if not main_rank:

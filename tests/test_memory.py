@@ -188,7 +188,9 @@ def test_cli_json(capsys):
     assert names == ["reference", "fd/fused/ckpt"]
     ref, fd = (r["configs"][0]["peak"] for r in out["rows"])
     assert 0 < fd < ref
-    assert out["summary"]["best_lora_fd"]["meets"] is True
+    # one configuration traced: the planner reports its peak but no verdict on the pi(C) target
+    assert out["summary"]["complete"] is False and out["summary"]["best_lora_fd"]["meets"] is None
+    assert "reference" in out["summary"] and "ratio_to_paper" not in out["summary"]["reference"]
 
 
 def test_cli_rejects_bad_flags():

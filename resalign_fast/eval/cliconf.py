@@ -30,13 +30,14 @@ def config_from_dict(cls: type[T], d: dict, base: Optional[T] = None, source: st
 
 
 def parse_dataclass(cls: type[T], argv: Optional[list[str]] = None, description: str = "",
-                    extra: Optional[Callable[[argparse.ArgumentParser], None]] = None) -> tuple[T, argparse.Namespace]:
+                    extra: Optional[Callable[[argparse.ArgumentParser], None]] = None, prog: Optional[str] = None
+                    ) -> tuple[T, argparse.Namespace]:
     """Parse flags for `cls` (one per field, as `config.build_parser`), plus any `extra` arguments.
 
     Returns:
         (the validated config, the argparse namespace; extra arguments are read from it).
     """
-    p = build_parser(cls, description)
+    p = build_parser(cls, description, prog)
     if extra is not None:
         extra(p)
     ns = p.parse_args(argv)

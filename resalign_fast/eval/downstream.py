@@ -26,6 +26,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from resalign_fast.threads import set_threads
 from resalign_fast.config import ConfigError, _f
 from resalign_fast.data.encoded import EncodedSet, encode_set
 from resalign_fast.eval.cliconf import dump_toml, parse_list
@@ -83,7 +84,7 @@ class FinetuneConfig:
     resume: bool = _f(False, "continue a killed run in output_dir from checkpoints/last.pt (same settings; the result equals an uninterrupted run)")
     save_model: bool = _f(True, "write model/ at the end (off: log only)")
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
-    num_threads: int = _f(0, "torch CPU threads (0: torch's default)", lo=0)
+    num_threads: int = _f(0, "torch CPU threads (0: the faster of 1 and torch's default, measured at start on this machine; see threads.py)", lo=0)
 
 
 def resolve_model_path(path: str) -> str:
@@ -484,8 +485,7 @@ def run(cfg: FinetuneConfig) -> Path:
     from resalign_fast.models.pipeline import load_model
     from resalign_fast.runs import folder_contents, lock_folder, pick_device, write_atomic
 
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
+    set_threads(cfg.num_threads)
     out = Path(cfg.output_dir)
     state = check_output_dir(cfg)
     parse_list(cfg.checkpointing_steps, int, "checkpointing_steps")

@@ -17,6 +17,18 @@ def write_json(obj, path: Path) -> Path:
     return path
 
 
+def rounded(obj, digits: int = 4):
+    """obj with every float rounded to `digits` significant digits, for human-facing output (the
+    JSON files keep full precision): 0.07999999821186066 prints as 0.08."""
+    if isinstance(obj, bool) or not isinstance(obj, (float, dict, list, tuple)):
+        return obj
+    if isinstance(obj, float):
+        return float(f"{obj:.{digits}g}")
+    if isinstance(obj, dict):
+        return {k: rounded(v, digits) for k, v in obj.items()}
+    return [rounded(v, digits) for v in obj]
+
+
 def fmt(stat: Optional[dict], digits: int = 3) -> str:
     """"mean ± sem"; just the mean for a single value (no error to show); "-" when missing."""
     if not stat:
