@@ -32,6 +32,18 @@ RECIPES = {
 }
 
 
+# The default workload (`train` as users run it): k = 3 configurations per outer step drawn from the
+# default pi(C), the guard's retries included. "reference" is the paper's recipe and guard; "ours"
+# the defaults of this project with fd HVPs; "ours-exact" is ours with exact HVPs and math attention,
+# the same solve computed without approximation (the quality check of the fd path).
+WORKLOAD = {
+    "reference": dict(attention="math", hvp="exact", gradient_checkpointing=False, guard="reference"),
+    "ours": dict(attention="auto", hvp="fd", gradient_checkpointing=False, guard="stable"),
+    "ours-exact": dict(attention="math", hvp="exact", gradient_checkpointing=False, guard="stable"),
+}
+PHASES = ("simulate_finetune", "simulate_inplace", "guarded_hypergrad", "stable_hypergrad", "esd_target")
+
+
 def build_model(unet_config: dict, seed: int = 0, text_len: int = 77):
     """A DiffusionModel with random weights (no VAE: the UNet works on random 'latents')."""
     from resalign_fast.models.pipeline import build_digits_model
@@ -134,3 +146,106 @@ def cuda_peak(algo, fn):
     out = fn()
     torch.cuda.synchronize()
     return out, torch.cuda.max_memory_allocated()
+
+
+class PhaseTimer:
+    """Seconds spent in each of `bilevel`'s phase functions (PHASES) while active."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def __enter__(self):
+        import resalign_fast.bilevel as bl
+
+        self._saved = {n: getattr(bl, n) for n in PHASES}
+        for n, f in self._saved.items():
+            setattr(bl, n, self._timed(n, f))
+        return self
+
+    def _timed(self, name, f):
+        def run(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return f(*a, **k)
+            finally:
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+        return run
+
+    def __exit__(self, *exc):
+        import resalign_fast.bilevel as bl
+
+        for n, f in self._saved.items():
+            setattr(bl, n, f)
+
+
+def workload(unet_config: dict, steps: int = 2, device="cpu", recipes=tuple(WORKLOAD), k: int = 3) -> list[dict]:
+    """`steps` outer steps of the default workload per recipe, the recipes interleaved step by step
+    (so that drift of a shared machine hits all alike). Every recipe starts from the same theta and
+    seed, so it draws the same configurations. Returns one row per recipe: median seconds per outer
+    step, HVPs, retries and fallbacks per step, seconds per phase (summed over steps), and the cosine
+    of step 0's hypergradient with "ours-exact"'s (when that recipe runs)."""
+    from resalign_fast.bilevel import ResAlign
+    from resalign_fast.config import ResAlignConfig
+    from resalign_fast.inner.configs import load_ft_space
+
+    algos, rows = {}, {}
+    for name in recipes:
+        cfg = ResAlignConfig(batch_size=1, configs_per_step=k, seed=0, **WORKLOAD[name])
+        model = build_model(unet_config, 0)
+        data = build_data(model, device=device)
+        uncond = model.encode_prompts([""]).to(device)
+        model.unet.to(device)
+        algos[name] = ResAlign(cfg, model, data, load_ft_space(cfg.ft_space), uncond)
+        rows[name] = dict(recipe=name, seconds=[], hvps=0, retries=0, fallbacks=0, phases={}, g0=None, configs=[])
+    for s in range(steps):
+        for name, algo in algos.items():
+            with PhaseTimer() as pt:
+                res, dt, g = run_step(algo) if s == 0 else (*_step(algo, s), None)
+            r = rows[name]
+            r["seconds"].append(dt)
+            r["hvps"] += res.hvps
+            r["retries"] += res.retries
+            r["fallbacks"] += res.fallbacks
+            r["configs"].append(res.configs)
+            for ph, v in pt.seconds.items():
+                r["phases"][ph] = r["phases"].get(ph, 0.0) + v
+            if g is not None:
+                r["g0"] = g
+    exact = rows.get("ours-exact", {}).get("g0")
+    base = rows[recipes[0]]
+    out = []
+    for name in recipes:
+        r = rows[name]
+        sec = sorted(r["seconds"])[len(r["seconds"]) // 2]
+        cos = (torch.nn.functional.cosine_similarity(r["g0"].double(), exact.double(), dim=0).item()
+               if exact is not None else float("nan"))
+        out.append(dict(recipe=name, seconds_per_step=sec, all_seconds=r["seconds"], hvps_per_step=r["hvps"] / steps,
+                        retries_per_step=r["retries"] / steps, fallbacks_per_step=r["fallbacks"] / steps,
+                        phases={k: v / steps for k, v in r["phases"].items()}, cosine_vs_exact=cos,
+                        same_configs=r["configs"] == base["configs"]))
+    ref = out[0]["seconds_per_step"]
+    for r in out:
+        r["speedup_vs_reference"] = ref / r["seconds_per_step"]
+    return out
+
+
+def _step(algo, s: int):
+    t0 = time.perf_counter()
+    res = algo.step(s)
+    if algo.theta[0].is_cuda:
+        torch.cuda.synchronize()
+    return res, time.perf_counter() - t0
+
+
+def workload_table(rows: list[dict]) -> str:
+    """Markdown table of `workload` rows."""
+    head = ("| recipe | s / outer step | speedup vs reference | HVPs / step | retries / step | fallbacks / step | "
+            "simulation s | hypergradient s | cosine vs exact-HVP solve |\n|---|---|---|---|---|---|---|---|---|\n")
+    body = ""
+    for r in rows:
+        sim = sum(v for k, v in r["phases"].items() if k.startswith("simulate"))
+        hyp = sum(v for k, v in r["phases"].items() if k.endswith("hypergrad"))
+        body += (f"| {r['recipe']} | {r['seconds_per_step']:.2f} | {r['speedup_vs_reference']:.2f}x | "
+                 f"{r['hvps_per_step']:.1f} | {r['retries_per_step']:.1f} | {r['fallbacks_per_step']:.1f} | {sim:.2f} | "
+                 f"{hyp:.2f} | {r['cosine_vs_exact']:.6f} |\n")
+    return head + body
