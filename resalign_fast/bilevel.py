@@ -309,7 +309,7 @@ class ResAlign:
                 return ft_loss(prob.space, params, c, batch)
 
             with _attention_ctx(self.cfg, False):
-                simulate_inplace(params, loss, optim_spec(c), c.steps)
+                simulate_inplace(params, loss, optim_spec(c), c.steps, offload=self.cfg.offload_optimizer_state)
             return self._from_star(c, prob, params, direct, hb, gen, st, True)
         finally:
             restore(params, backup)
@@ -348,10 +348,14 @@ class ResAlign:
             # keyed by configuration slot, so the history does not depend on how ranks split the slots
             key = f"{st.get('slot', 0)}:{c.algorithm}"
             warm = self.warm_vectors.get(key)
-            if warm is not None:
+            device = None
+            if inplace:  # every full-size vector on the device counts: b and u wait in host memory
+                device, b = phi_star[0].device, host_backup(b)
+            elif warm is not None:
                 warm = [x.to(p.device, non_blocking=True) for x, p in zip(warm, b)]
             g, info, u = stable_hypergrad(list(direct), b, hvp, gamma=cfg.gamma, iters=cfg.iters,
-                                          power_iters=cfg.power_iters, warm=warm, pullback=prob.pullback)
+                                          power_iters=cfg.power_iters, warm=warm, pullback=prob.pullback,
+                                          device=device)
             # host copy between outer steps; a traced (meta) run has no data to copy
             self.warm_vectors[key] = [x.detach() if x.is_meta else x.detach().to("cpu") for x in u]
             return g, info

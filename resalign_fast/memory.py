@@ -64,8 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--engine", default="spec", choices=("spec", "project"),
                    help="spec: the planner's outer step; project: resalign_fast.bilevel.ResAlign.step")
     p.add_argument("--guard", default=None, choices=("stable", "reference"),
-                   help="engine project: the trainer's guard (default: the trainer's default; reference "
-                        "runs the plain Richardson solve that engine spec traces)")
+                   help="engine project: this guard for every recipe (default: each recipe's own, "
+                        "reference for the reference recipe, stable for ours)")
     p.add_argument("--no_reference", "--no-reference", action="store_true", help="skip the reference recipe")
     p.add_argument("--no_lean", "--no-lean", action="store_true",
                    help="skip the lean_full rows (in-place full-parameter configurations, fd HVPs; "

@@ -81,6 +81,18 @@ def test_lean_full_matches_fd_and_exact(tiny_model_dir, tiny_ft_space, loss, the
         assert _cos(lean, exact) >= 0.999 and _cos(lean, fd) >= 0.999, (ckpt, _cos(lean, exact), _cos(lean, fd))
 
 
+@pytest.mark.parametrize("offload", [False, True])
+def test_lean_full_stable_guard_matches_copying_fd(tiny_model_dir, tiny_ft_space, offload):
+    """The stable guard on the lean path (b and the eigenvector in host memory, the Richardson
+    update in place, optionally the optimizer state offloaded) gives the copying fd path's
+    hypergradient under the same guard."""
+    c = FTConfig(lr=1e-2, steps=2, optimizer="adam", algorithm="full", loss="standard", batch_size=2)
+    kw = dict(attention="auto", hvp="fd", gamma=0.1, guard="stable")
+    fd = _hypergrad(tiny_model_dir, tiny_ft_space, c, **kw)
+    lean = _hypergrad(tiny_model_dir, tiny_ft_space, c, lean_full=True, offload_optimizer_state=offload, **kw)
+    assert fd.norm() > 0 and _cos(lean, fd) >= 0.9999, _cos(lean, fd)
+
+
 @pytest.mark.parametrize("algorithm,hvp", [("lora", "exact"), ("full", "exact"), ("full", "jvp"), ("full", "fd")])
 def test_dreambooth_split_terms_equal_joint(tiny_model_dir, tiny_ft_space, algorithm, hvp):
     """DreamBooth's terms differentiated one at a time give the joint hypergradient (fp32 rounding)."""

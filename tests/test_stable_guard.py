@@ -91,3 +91,20 @@ def test_pullback_and_warm_start(gen):
     _, cold, _ = stable_hypergrad([direct], split(b), matvec(a), gamma=1.0, iters=5, power_iters=1)
     assert warm.alpha_used == pytest.approx(info.alpha_used, rel=1e-2)
     assert abs(warm.alpha_used - info.alpha_used) < 0.2 * abs(cold.alpha_used - info.alpha_used)
+
+
+def test_solve_with_b_in_other_memory_and_identity_hvp_matches_plain():
+    """`device` given: b is read tensor by tensor from where it waits and u comes back there; an HVP
+    that returns its input (H = I) is not overwritten by the in-place residual."""
+    torch.manual_seed(0)
+    A = torch.randn(6, 6, dtype=torch.float64)
+    H = A @ A.T / 6
+    b = [torch.randn(6, dtype=torch.float64)]
+    d = [torch.zeros(6, dtype=torch.float64)]
+    plain, _, u0 = stable_hypergrad(d, b, lambda v: [H @ v[0]], gamma=0.5, iters=40)
+    moved, _, u1 = stable_hypergrad(d, b, lambda v: [H @ v[0]], gamma=0.5, iters=40, device=torch.device("cpu"))
+    assert torch.equal(plain[0], moved[0]) and torch.equal(u0[0], u1[0])
+    want = torch.linalg.solve(torch.eye(6, dtype=torch.float64) + 0.5 * H, b[0])
+    assert torch.allclose(plain[0], want, rtol=1e-6, atol=1e-9)
+    ident, info, _ = stable_hypergrad(d, b, lambda v: v, gamma=1.0, iters=30)
+    assert not info.fallback and torch.allclose(ident[0], b[0] / 2, rtol=1e-6)  # (I + I)^-1 b

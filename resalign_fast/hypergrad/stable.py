@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from resalign_fast.hypergrad.guard import GuardInfo, _norm
+from resalign_fast.inner.inplace import host_backup
 
 logger = logging.getLogger("resalign_fast.hypergrad")
 
@@ -74,9 +75,10 @@ def power_iteration(hvp: Callable[[list[Tensor]], list[Tensor]], start: Sequence
     if not (n > 0 and math.isfinite(n)):
         return math.nan, [torch.zeros_like(x) for x in start], 0
     u = [x.detach() / n for x in start]
+    del start  # full-size vectors alive: u and H u only
     mu, calls = math.nan, 0
     for _ in range(max(1, iters)):
-        hu = [h.detach().to(x.dtype) for h, x in zip(hvp(u), u)]
+        hu = [_own(h.detach().to(x.dtype), x) for h, x in zip(hvp(u), u)]
         calls += 1
         mu = _dot(u, hu)
         hn = _norm(hu)
@@ -84,7 +86,8 @@ def power_iteration(hvp: Callable[[list[Tensor]], list[Tensor]], start: Sequence
             return math.nan, u, calls
         if hn == 0:
             return 0.0, u, calls
-        u = [h / hn for h in hu]
+        u = [h.div_(hn) for h in hu]
+        del hu
     return mu, u, calls
 
 
@@ -98,6 +101,7 @@ def stable_hypergrad(
     power_iters: int = 3,
     warm: Optional[Sequence[Tensor]] = None,
     pullback: Optional[Callable[[list[Tensor]], list[Tensor]]] = None,
+    device: Optional[torch.device] = None,
 ) -> tuple[list[Tensor], GuardInfo, list[Tensor]]:
     """g = direct + pullback(v), v ~ (I + gamma H)^-1 b by Richardson from v_0 = b at a step from the
     measured curvature; on failure v = b (first order). See the module docstring.
@@ -111,6 +115,9 @@ def stable_hypergrad(
         power_iters: power-iteration HVPs for the step size from a cold start (b); one from `warm`.
         warm: start of the power iteration (the previous eigenvector in this space), else b.
         pullback: fine-tuning space -> theta's space (None: the same space).
+        device: where the solve's vectors live (the HVP's device). None: b's own device. When given,
+            b may wait in host memory: it is read one tensor at a time (the lean full-parameter
+            path, where every full-size vector on the device counts), and u is returned there too.
 
     Returns:
         (g, info, u): g detached, shaped like direct; info.fallback True when the first-order term
@@ -121,11 +128,17 @@ def stable_hypergrad(
     info = GuardInfo(direct_norm=_norm(direct), alpha_used=math.nan)
     if not math.isfinite(info.direct_norm):
         raise ValueError("stable_hypergrad: the direct gradient is not finite")
-    v, u = list(b), list(b)
+
+    def on_device(xs: Sequence[Tensor]) -> list[Tensor]:
+        return list(xs) if device is None else [x.to(device, non_blocking=True) for x in xs]
+
+    v, u = None, list(b)
     if gamma > 0 and iters > 0:
         is_warm = warm is not None and len(warm) == len(b) and _norm(warm) > 0
         # a warm start is already close to the eigenvector: one HVP refreshes the estimate
-        mu, u, info.hvps = power_iteration(hvp, warm if is_warm else b, 1 if is_warm else power_iters)
+        mu, u, info.hvps = power_iteration(hvp, on_device(warm if is_warm else b), 1 if is_warm else power_iters)
+        if device is not None:  # the caller keeps u between outer steps: it waits in host memory
+            u = host_backup(u)
         lo = 1 + gamma * SAFETY * min(mu, 0.0)  # the smallest eigenvalue of I + gamma H we allow for
         if not math.isfinite(mu):
             info.reasons.append("power iteration: non-finite value")
@@ -134,40 +147,57 @@ def stable_hypergrad(
         else:
             a = 1.0 / (1 + gamma * SAFETY * abs(mu))
             info.alpha_used = a
-            v, reason = _richardson_from_b(hvp, b, a, gamma, iters, info)
+            v, reason = _richardson_from_b(hvp, b, a, gamma, iters, info, device)
             if reason:
                 info.reasons.append(reason)
         info.fallback = bool(info.reasons)
         if info.fallback:
-            v = list(b)
             logger.debug("stable guard: first-order resilience term (%s)", info.reasons[-1])
+    if v is None or info.fallback:
+        v = on_device(b)
     pv = v if pullback is None else [x.detach() for x in pullback(v)]
     g = [d + x.to(d.dtype) for d, x in zip(direct, pv)]
     info.grad_norm, info.v_norm = _norm(g), _norm(pv)
     return g, info, u
 
 
-def _richardson_from_b(hvp, b: list[Tensor], alpha: float, gamma: float, iters: int, info: GuardInfo
-                       ) -> tuple[list[Tensor], str]:
-    """K Richardson updates from v_0 = b; returns (v_K, "") or (b, why it failed)."""
-    v = list(b)
+def _own(h: Tensor, *others: Tensor) -> Tensor:
+    """h, or a copy when it shares storage with one of `others` (an HVP may return its input).
+    Storages are compared by identity (`_cdata`), which also holds for meta tensors (the planner's),
+    whose data pointers are all 0."""
+    key = h.untyped_storage()._cdata
+    return h.clone() if any(o.untyped_storage()._cdata == key for o in others) else h
+
+
+def _richardson_from_b(hvp, b: list[Tensor], alpha: float, gamma: float, iters: int, info: GuardInfo,
+                       device: Optional[torch.device] = None) -> tuple[Optional[list[Tensor]], str]:
+    """K Richardson updates from v_0 = b (a copy on `device`, None: b's); returns (v_K, "") or
+    (None, why it failed). In place: the residual overwrites the HVP's output and v is updated in
+    place, so the full-size vectors alive are v, H v and b (which may wait in host memory)."""
+    v = [x.to(device or x.device, copy=True) for x in b]
     bn = _norm(b)
     prev = 0.0
     for k in range(iters):
         hv = hvp(v)
         info.hvps += 1
-        r = [bi - vi - gamma * h.detach().to(vi.dtype) for bi, vi, h in zip(b, v, hv)]
+        with torch.no_grad():  # r = b - v - gamma H v, in H v's storage (never in v's or b's)
+            r = [_own(h.detach().to(vi.dtype), vi, bi).mul_(-gamma).add_(bi.to(vi.device, non_blocking=True)).sub_(vi)
+                 for bi, vi, h in zip(b, v, hv)]
+        del hv
         rn = _norm(r)
         info.rel_residual = rn / bn if bn > 0 else 0.0
         if not math.isfinite(rn):
-            return b, f"non-finite residual at iteration {k + 1}"
+            return None, f"non-finite residual at iteration {k + 1}"
         if k > 0 and prev > 0:
             ratio = rn / prev
             info.max_ratio = ratio if math.isnan(info.max_ratio) else max(info.max_ratio, ratio)
             if ratio > GROWTH:
-                return b, f"residual grew at iteration {k + 1} (ratio {ratio:.3g} > {GROWTH})"
+                return None, f"residual grew at iteration {k + 1} (ratio {ratio:.3g} > {GROWTH})"
         if rn <= 100 * torch.finfo(b[0].dtype).eps * bn:  # converged to rounding
             break
         prev = rn
-        v = [vi + alpha * ri for vi, ri in zip(v, r)]
+        with torch.no_grad():
+            for vi, ri in zip(v, r):
+                vi.add_(ri, alpha=alpha)
+        del r
     return v, ""

@@ -195,7 +195,7 @@ PHASES = ("grads at theta", "simulate", "hypergradient")
 def _phase_key(phase: str, recipe: Recipe, c: FTConfig) -> tuple:
     """What a phase's memory depends on (LR and step count never matter)."""
     base = (phase, recipe.weights, recipe.attention, recipe.checkpointing, recipe.chunk,
-            recipe.lean_full and c.algo == "full")
+            recipe.lean_full and c.algo == "full", recipe.guard)
     split = recipe.split_terms and c.loss == "dreambooth"
     if phase == "grads at theta":
         return base

@@ -57,7 +57,7 @@ def project_step(unet: torch.nn.Module, spec: ModelSpec, recipe: Recipe, C: FTCo
         configs_per_step=1, lam=shape.lam, gamma=shape.gamma, alpha=shape.alpha,
         max_grad_norm=float("inf"), max_retries=0, progress=False, split_terms=recipe.split_terms,
         lean_full=recipe.lean_full, offload_optimizer_state=recipe.offload_state,
-        **({} if guard is None else {"guard": guard}))
+        guard=recipe.guard if guard is None else guard)
     n = shape.batch
 
     def encoded() -> EncodedSet:

@@ -85,6 +85,9 @@ class Recipe:
         offload_state: with `lean_full`, the simulated optimizer's state lives in host memory and
             is streamed per parameter (`simulate_inplace(..., offload=True)`, the trainer's config
             field `offload_optimizer_state`).
+        guard: the trainer's `guard`: "stable" (power iteration, then Richardson from b; on the lean
+            path b and the eigenvector wait in host memory) or "reference" (the paper's Richardson
+            from 0, one attempt traced).
     """
 
     name: str
@@ -96,9 +99,11 @@ class Recipe:
     chunk: int = 1024
     lean_full: bool = False
     offload_state: bool = False
+    guard: str = "stable"
 
 
-REFERENCE = Recipe("reference", hvp="exact", attention="math", checkpointing=False, split_terms=False)
+REFERENCE = Recipe("reference", hvp="exact", attention="math", checkpointing=False, split_terms=False,
+                   guard="reference")
 
 
 @dataclass(frozen=True)
@@ -150,16 +155,27 @@ def _make_hvp(loss_fn, params, backend, inplace=False):
     raise RuntimeError("resalign_fast.hypergrad.hvp is missing (no stand-in: it landed first)")
 
 
-def _richardson(hvp, b, shape: StepShape) -> list[Tensor]:
-    """The trainer's default solve (guard "stable"): power iteration for the step, then Richardson
-    from v_0 = b (`hypergrad.stable`); the local stand-in is the plain iteration from 0."""
+def _richardson(hvp, b, shape: StepShape, guard: str = "stable", device=None) -> list[Tensor]:
+    """The trainer's solve: guard "stable", power iteration for the step, then Richardson from
+    v_0 = b (`hypergrad.stable`); "reference" (and the local stand-in), the plain iteration from 0."""
+    if guard == "reference" and _has("resalign_fast.hypergrad.solvers"):
+        from resalign_fast.hypergrad.solvers import richardson_solve
+
+        return richardson_solve(hvp, b, alpha=shape.alpha, gamma=shape.gamma, iters=shape.iters)
     if _has("resalign_fast.hypergrad.stable"):
         from resalign_fast.hypergrad.guard import GuardInfo
         from resalign_fast.hypergrad.stable import SAFETY, _richardson_from_b, power_iteration
 
-        mu, _, _ = power_iteration(hvp, b, 3)
+        mu, u, _ = power_iteration(hvp, b if device is None else [x.to(device) for x in b], 3)
+        if device is not None:  # the eigenvector waits in host memory, as in the trainer
+            from resalign_fast.inner.inplace import host_backup
+
+            u = host_backup(u)
         alpha = 1.0 / (1 + shape.gamma * SAFETY * abs(mu))
-        return _richardson_from_b(hvp, b, alpha, shape.gamma, shape.iters, GuardInfo(direct_norm=0.0, alpha_used=alpha))[0]
+        v, _ = _richardson_from_b(hvp, b, alpha, shape.gamma, shape.iters, GuardInfo(direct_norm=0.0, alpha_used=alpha),
+                                  device)
+        del u
+        return b if v is None else v
     v = [torch.zeros_like(t) for t in b]  # LOCAL STAND-IN: v_{k+1} = v_k + a (b - v_k - g H v_k)
     for _ in range(shape.iters):
         hv = hvp(v)
@@ -381,8 +397,13 @@ class OuterStep:
         shape = self.shape
         train = self._train_names(C)
         params = [self.named[n] for n in train]
-        with self._phase("hypergradient"):
+        host = None if self.tracker is None else self.tracker.host
+        with self._phase("hypergradient"), host_allocations(host):
             g = list(torch.autograd.grad(-shape.lam * denoise_loss(self.unet, self.harm), params))
+            if self._lean(C) and self.recipe.guard == "stable":  # as the trainer: b waits in host memory
+                from resalign_fast.inner.inplace import host_backup
+
+                g = host_backup(g)
             v = self._solve(C, train, params, g)
             del g
             from resalign_fast.inner.inplace import restore
@@ -405,7 +426,7 @@ class OuterStep:
         loss = fns if recipe.split_terms else (lambda ps: sum(fn(ps) for fn in fns))
         with diff_order(1 if recipe.hvp == "fd" else 2):
             hvp = _make_hvp(loss, params, recipe.hvp, inplace=lean)
-            return _richardson(hvp, b, self.shape)
+            return _richardson(hvp, b, self.shape, recipe.guard, params[0].device if lean else None)
 
     def state_before(self, phase: str, C: FTConfig) -> dict[str, list[Tensor]]:
         """Tensors alive when `phase` starts in a full step (allocated here, values unset).
