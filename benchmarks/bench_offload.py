@@ -6,7 +6,8 @@ with the optimizer state on the device against the same with it in host memory, 
 Runs alternate (on, off, on, off, ...) so that drift of a shared machine hits both alike; prints
 the median seconds per simulated step of each, their ratio, the peak memory of each (CUDA:
 max_memory_allocated; CPU: live tensor storages, the offloaded state counted as host memory) and
-whether the two trajectories are bit-identical. Part of benchmarks/gpu_check.sh (--model sd14).
+whether the two trajectories are bit-identical. Not run by gpu_check.sh (its 8 minutes are spent):
+on a GPU, run it with --model sd14.
 """
 
 from __future__ import annotations

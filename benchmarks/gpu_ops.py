@@ -1,6 +1,7 @@
 """Fused ops per backend on a CUDA device, against their plain-torch references: a markdown table.
 
-    python benchmarks/gpu_ops.py [--n 100000003] [--dtypes float32 bfloat16] [--reps 20]
+    python benchmarks/gpu_ops.py [--n 33554467] [--dtypes float32 bfloat16] [--reps 10]
+    TRITON_INTERPRET=1 python benchmarks/gpu_ops.py --device cpu --n 4097 --reps 3   (CPU rehearsal)
 
 Needs resalign_fast._C built with CUDA (`pip install --no-build-isolation .` on the GPU machine, or
 `python setup.py build_ext --inplace`); without it the script JIT-builds the same sources with
@@ -9,17 +10,25 @@ milliseconds over --reps runs after a warm-up (CUDA events), GB/s of the bytes t
 move, torch.cuda.max_memory_allocated above the inputs, speedup against the reference timed the same
 way, and the error rule of the tests: max |out - fp64 truth| divided by the reference's (<= 2 passes;
 "exact" when both are 0). A second table compares sgd_step/adam_step with torch.optim (foreach=False).
+
+--device cpu (the CPU rehearsal of gpu_check.sh) times with time.perf_counter, reads the peak from
+the CPU allocator's events (torch.profiler, profile_memory), adds the "cpp" backend, and lists the
+CUDA backend with the reason it cannot run. Triton runs on CPU tensors only under the interpreter
+(TRITON_INTERPRET=1 before triton is imported), slowly: use a small --n; without it its rows say why.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
+import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -31,7 +40,7 @@ from resalign_fast.ops.fd_hvp import fd_combine, fd_combine_ref, fd_perturb, fd_
 from resalign_fast.ops.optim_step import adam_step, adam_step_ref, sgd_step, sgd_step_ref  # noqa: E402
 from resalign_fast.ops.richardson_step import richardson_step, richardson_step_ref  # noqa: E402
 
-BACKENDS = ("torch", "cuda", "triton")
+BACKENDS = {"cuda": ("torch", "cuda", "triton"), "cpu": ("torch", "cpp", "triton", "cuda")}
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SGD = dict(lr=1e-3, momentum=0.9, weight_decay=1e-2, first_step=False)
 ADAM = dict(step=10, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, decoupled=True)
@@ -59,8 +68,16 @@ def jit_build_extension() -> float:
     return time.perf_counter() - start
 
 
-def time_ms(fn, reps: int) -> float:
+def time_ms(fn, reps: int, device: str = "cuda") -> float:
+    """Median milliseconds of fn() over reps runs after one warm-up (CUDA events; perf_counter on CPU)."""
     fn()
+    if device == "cpu":
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
@@ -73,7 +90,47 @@ def time_ms(fn, reps: int) -> float:
     return statistics.median(times)
 
 
-def peak_mib(fn) -> float:
+@contextlib.contextmanager
+def _stderr_to_devnull():
+    """File descriptor 2 to /dev/null while the block runs: kineto writes a line to stderr at every
+    profiler start and stop, and no setting turns that off."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def cpu_peak_bytes(fn) -> int:
+    """Peak bytes the CPU allocator held above what was allocated before fn() (fn's temporaries and
+    outputs), from torch.profiler's allocation events (C++ extensions' allocations included)."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with _stderr_to_devnull(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        if node.tag == _EventType.Allocation and str(node.extra_fields.device) == "cpu":
+            events.append((node.start_time_ns, node.extra_fields.alloc_size))  # negative: a free
+    live = peak = 0
+    for _, size in sorted(events):
+        live += size
+        peak = max(peak, live)
+    return peak
+
+
+def peak_mib(fn, device: str = "cuda") -> float:
+    """MiB allocated above the inputs while fn() runs (max_memory_allocated; CPU: allocator events)."""
+    if device == "cpu":
+        return cpu_peak_bytes(fn) / 2**20
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -94,9 +151,8 @@ def err_ratio(outs, refs, truths) -> str:
     return "exact" if worst == 0.0 else f"{worst:.2f}"
 
 
-def cases(n: int, dtype: torch.dtype):
+def cases(n: int, dtype: torch.dtype, dev: str = "cuda"):
     """(op, bytes moved, make_state, run(backend, state), ref(state), truth(state), outputs(result))."""
-    dev = "cuda"
 
     def rand(k, positive=False):
         return [(torch.rand if positive else torch.randn)(n, device=dev, dtype=torch.float64).to(dtype) for _ in range(k)]
@@ -119,21 +175,22 @@ def cases(n: int, dtype: torch.dtype):
            None, lambda r: r)
 
 
-def op_table(n: int, dtypes: list[str], reps: int) -> list[str]:
-    rows = ["| op | dtype | backend | ms | GB/s | peak MiB | speedup vs ref | err / ref err |",
-            "|---|---|---|---|---|---|---|---|"]
+def op_table(n: int, dtypes: list[str], reps: int, device: str = "cuda") -> Iterator[str]:
+    """The op table's lines, one by one (printed as they come: a stage timeout keeps what was done)."""
+    yield "| op | dtype | backend | ms | GB/s | peak MiB | speedup vs ref | err / ref err |"
+    yield "|---|---|---|---|---|---|---|---|"
     for dname in dtypes:
         dtype = DTYPES[dname]
-        for op, nbytes, make, run, ref, truth, outputs in cases(n, dtype):
+        for op, nbytes, make, run, ref, truth, outputs in cases(n, dtype, device):
             state = make()
-            ref_ms = time_ms(lambda: ref(state), reps)
-            for backend in BACKENDS:
+            ref_ms = time_ms(lambda: ref(state), reps, device)
+            for backend in BACKENDS[device]:
                 reasons = registry.not_supported_reasons(op, backend, *state)
                 if reasons:
-                    rows.append(f"| {op} | {dname} | {backend} | - | - | - | - | {'; '.join(reasons)} |")
+                    yield (f"| {op} | {dname} | {backend} | - | - | - | - | {'; '.join(reasons)} |")
                     continue
-                ms = time_ms(lambda: run(backend, state), reps)
-                mib = peak_mib(lambda: run(backend, state))
+                ms = time_ms(lambda: run(backend, state), reps, device)
+                mib = peak_mib(lambda: run(backend, state), device)
                 if truth is None:  # in-place steps: one step from the same state, vs fp64
                     s0 = make()
                     s_fast, s_ref, s_64 = [x.clone() for x in s0], [x.clone() for x in s0], [x.double() for x in s0]
@@ -144,30 +201,31 @@ def op_table(n: int, dtypes: list[str], reps: int) -> list[str]:
                 else:
                     s0 = make()
                     err = err_ratio(outputs(run(backend, s0)), outputs(ref(s0)), truth(s0))
-                rows.append(f"| {op} | {dname} | {backend} | {ms:.3f} | {nbytes / ms / 1e6:.0f} | {mib:.0f} | "
+                yield (f"| {op} | {dname} | {backend} | {ms:.3f} | {nbytes / ms / 1e6:.{0 if n > 10**6 else 2}f} | "
+                            f"{mib:.{0 if n > 10**6 else 3}f} | "
                             f"{ref_ms / ms:.2f}x | {err} |")
-    return rows
 
 
-def torch_optim_table(n: int) -> list[str]:
+def torch_optim_table(n: int, device: str = "cuda") -> Iterator[str]:
     """Max deviation from torch.optim after 3 steps, in units of eps(dtype) * (|after| + |before|)."""
-    rows = ["| optimizer | dtype | backend | max deviation (2 = tolerance) |", "|---|---|---|---|"]
+    yield "| optimizer | dtype | backend | max deviation (2 = tolerance) |"
+    yield "|---|---|---|---|"
     for dname in ("float32", "float64"):
         dtype = DTYPES[dname]
         for name in ("SGD", "AdamW"):
-            for backend in BACKENDS:
-                reasons = registry.not_supported_reasons("sgd_step", backend, torch.empty(1, device="cuda", dtype=dtype))
+            for backend in BACKENDS[device]:
+                reasons = registry.not_supported_reasons("sgd_step", backend, torch.empty(1, device=device, dtype=dtype))
                 if reasons:
-                    rows.append(f"| {name} | {dname} | {backend} | {'; '.join(reasons)} |")
+                    yield (f"| {name} | {dname} | {backend} | {'; '.join(reasons)} |")
                     continue
-                p0 = torch.randn(n, device="cuda", dtype=dtype)
+                p0 = torch.randn(n, device=device, dtype=dtype)
                 p_t, p = p0.clone().requires_grad_(), p0.clone()
                 bufs = [torch.zeros_like(p0) for _ in range(2)]
                 opt = (torch.optim.SGD([p_t], lr=1e-2, momentum=0.9, weight_decay=1e-2, foreach=False) if name == "SGD"
                        else torch.optim.AdamW([p_t], lr=1e-3, weight_decay=1e-2, foreach=False))
                 worst = 0.0
                 for step in range(1, 4):
-                    g = torch.randn(n, device="cuda", dtype=dtype)
+                    g = torch.randn(n, device=device, dtype=dtype)
                     p_t.grad = g.clone()
                     before = p.clone()
                     opt.step()
@@ -185,35 +243,48 @@ def torch_optim_table(n: int) -> list[str]:
                     else:
                         bufs[0].copy_(opt.state[p_t]["exp_avg"])
                         bufs[1].copy_(opt.state[p_t]["exp_avg_sq"])
-                rows.append(f"| {name} | {dname} | {backend} | {worst:.2f} |")
-    return rows
+                yield (f"| {name} | {dname} | {backend} | {worst:.2f} |")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=100_000_003, help="elements per buffer (odd on purpose)")
+    parser.add_argument("--n", type=int, default=33_554_467,
+                        help="elements per buffer (odd on purpose; the default, 128 MiB of fp32, is well beyond the "
+                             "H200's 50 MB L2, so the ops are bandwidth-bound)")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "float64", "bfloat16"], choices=sorted(DTYPES))
-    parser.add_argument("--reps", type=int, default=20, help="timed runs per cell (median)")
-    parser.add_argument("--no-jit", action="store_true", help="fail instead of JIT-building the CUDA kernels")
+    parser.add_argument("--reps", type=int, default=10, help="timed runs per cell (median)")
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                        help="cpu: the rehearsal of gpu_check.sh (cpp backend added, CUDA rows say why they cannot run)")
+    parser.add_argument("--no-jit", action="store_true",
+                        help="do not JIT-build missing CUDA kernels: print the table without them (their rows give "
+                             "the reason) and exit with status 2")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not torch.cuda.is_available():
-        print("gpu_ops.py needs a CUDA device", file=sys.stderr)
-        return 2
-    if registry.extension_reasons("richardson_step_cuda"):
-        if args.no_jit:
-            print("resalign_fast._C has no CUDA kernels: " + "; ".join(registry.extension_reasons("richardson_step_cuda")),
-                  file=sys.stderr)
+    status = 0
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            print("gpu_ops.py needs a CUDA device (--device cpu for the CPU rehearsal)", file=sys.stderr)
             return 2
-        print(f"JIT-built the CUDA extension in {jit_build_extension():.0f} s")
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, n = {args.n:,}\n")
-    print("\n".join(op_table(args.n, args.dtypes, args.reps)))
+        if registry.extension_reasons("richardson_step_cuda"):
+            if args.no_jit:
+                print("resalign_fast._C has no CUDA kernels: " + "; ".join(registry.extension_reasons("richardson_step_cuda"))
+                      + " (--no-jit: the table follows without them; exit status 2)", file=sys.stderr, flush=True)
+                status = 2
+            else:
+                print(f"JIT-built the CUDA extension in {jit_build_extension():.0f} s")
+        where = torch.cuda.get_device_name()
+    else:
+        where = f"CPU ({torch.get_num_threads()} threads), TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}"
+    print(f"{where}, torch {torch.__version__}, n = {args.n:,}\n", flush=True)
+    for line in op_table(args.n, args.dtypes, args.reps, args.device):
+        print(line, flush=True)
     print()
-    print("\n".join(torch_optim_table(min(args.n, 10_000_003))))
-    return 0
+    for line in torch_optim_table(min(args.n, 10_000_003), args.device):
+        print(line, flush=True)
+    return status
 
 
 if __name__ == "__main__":
