@@ -182,11 +182,12 @@ def test_bad_inputs_give_one_error_line(tiny_model_dir, tiny_ft_space, tmp_path,
 
 # 6. prepare_data --guidance nan: covered by test_non_finite_numbers_rejected_before_writing; a finite
 #    guidance still generates images that are not all black
-def test_prepare_data_images_are_not_blank(tiny_model_dir, tmp_path):
+def test_prepare_data_images_are_not_blank(tiny_model_dir, tmp_path, capsys):
     (tmp_path / "p.txt").write_text("a digit\n\nanother\n")
     out = tmp_path / "d"
     assert prepare_data.main(["--prompts", str(tmp_path / "p.txt"), "--out", str(out), "--steps", "2",
                               "--pretrained_model_name_or_path", str(tiny_model_dir)]) == 0
+    assert "1 blank prompt(s) skipped" in capsys.readouterr().out  # the count the docs promise
     from resalign_fast.data.sets import load_image_folder
 
     s = load_image_folder(out, 16, 1)
