@@ -103,11 +103,6 @@ def target_loss(eps: torch.Tensor, batch: NoisyBatch) -> torch.Tensor:
     return mse(eps, batch.target)
 
 
-def dreambooth_loss(instance: torch.Tensor, prior: torch.Tensor, prior_weight: float) -> torch.Tensor:
-    """DreamBooth prior preservation: instance loss + prior_weight x prior (class) loss."""
-    return instance + prior_weight * prior
-
-
 def sigmoid_ramp(step: int, total: int, start: float, end: float, sharpness: float = 10.0) -> float:
     """start for the first half of training, then a sigmoid ramp to `end` over the second half."""
     if total <= 1:

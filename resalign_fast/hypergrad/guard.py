@@ -29,10 +29,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
-import torch
 from torch import Tensor
 
 from resalign_fast.hypergrad.solvers import cg_solve, neumann_trace, richardson_trace
+from resalign_fast.hypergrad.vec import norm
 
 logger = logging.getLogger("resalign_fast.hypergrad")
 
@@ -70,11 +70,6 @@ class GuardInfo:
     reasons: list[str] = field(default_factory=list)
 
 
-def _norm(ts: Sequence[Tensor]) -> float:
-    sq = [t.detach().square().sum(dtype=torch.float64) for t in ts]
-    return math.sqrt(float(torch.stack(sq).sum()))  # one host sync
-
-
 def _attempt(
     solver: str,
     hvp: Callable[[list[Tensor]], list[Tensor]],
@@ -85,7 +80,7 @@ def _attempt(
     info: GuardInfo,
 ) -> tuple[Optional[list[Tensor]], str]:
     """One solve; returns (v, "") or (None or v, reason for rejection)."""
-    bn = _norm(b)
+    bn = norm(b)
     if solver == "cg":
         calls = [0]
 
@@ -100,7 +95,7 @@ def _attempt(
         finally:
             info.hvps += calls[0]
         info.rel_residual, info.max_ratio = math.nan, math.nan
-        return v, "" if math.isfinite(_norm(v)) else "non-finite solution"
+        return v, "" if math.isfinite(norm(v)) else "non-finite solution"
     trace_fn = richardson_trace if solver == "richardson" else neumann_trace
     v, tr = trace_fn(hvp, b, alpha=alpha, gamma=gamma, iters=iters, stop_on_growth=True)
     info.hvps += tr.hvps
@@ -160,7 +155,7 @@ def guarded_hypergrad(
     b = [x.detach() for x in b]
     if pullback is None and (len(direct) != len(b) or any(d.shape != x.shape for d, x in zip(direct, b))):
         raise ValueError("direct and b must be lists of tensors with the same shapes (or give pullback)")
-    info = GuardInfo(direct_norm=_norm(direct), alpha_used=alpha)
+    info = GuardInfo(direct_norm=norm(direct), alpha_used=alpha)
     if not math.isfinite(info.direct_norm):
         raise ValueError("guarded_hypergrad: the direct gradient is not finite")
     a = alpha
@@ -171,13 +166,13 @@ def guarded_hypergrad(
         if v is not None and not reason:
             pv = v if pullback is None else [x.detach() for x in pullback(v)]
             g = [d + x.to(d.dtype) for d, x in zip(direct, pv)]
-            gn = _norm(g)
+            gn = norm(g)
             if not math.isfinite(gn):
                 reason = "non-finite hypergradient"
             elif max_grad_norm is not None and gn > max_grad_norm:
                 reason = f"||g|| = {gn:.4g} > max_grad_norm = {max_grad_norm:.4g}"
             else:
-                info.grad_norm, info.v_norm = gn, _norm(pv)
+                info.grad_norm, info.v_norm = gn, norm(pv)
                 return g, info
         info.reasons.append(reason)
         if attempt + 1 < tries:

@@ -42,12 +42,12 @@ both gradients for the copying ``fd``. x comes back to within rounding (about 1 
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from resalign_fast.hypergrad.vec import norm
 from resalign_fast.inner.inplace import backward_into
 from resalign_fast.ops.fd_hvp import fd_combine, fd_perturb
 
@@ -58,11 +58,6 @@ BACKENDS = ("exact", "jvp", "fd")
 FD_SCALE = 0.5  # measured, see the module docstring
 
 __all__ = ["make_hvp", "fd_eps", "BACKENDS"]
-
-
-def _norm(ts: Sequence[Tensor]) -> float:
-    sq = [t.detach().square().sum(dtype=torch.float64) for t in ts]
-    return math.sqrt(float(torch.stack(sq).sum()))  # one host sync
 
 
 def fd_eps(x: Sequence[Tensor], v: Sequence[Tensor], scale: float = FD_SCALE) -> float:
@@ -77,7 +72,7 @@ def fd_eps(x: Sequence[Tensor], v: Sequence[Tensor], scale: float = FD_SCALE) ->
         eps as a Python float.
     """
     u = torch.finfo(x[0].dtype).eps
-    return scale * u ** (1.0 / 3.0) * (1.0 + _norm(x)) / _norm(v)
+    return scale * u ** (1.0 / 3.0) * (1.0 + norm(x)) / norm(v)
 
 
 def _leaves(params: Sequence[Tensor]) -> list[Tensor]:
@@ -179,7 +174,7 @@ def _make_fd(loss_fns: list[LossFn], params: list[Tensor], eps: Optional[float])
 
     def hvp(v: list[Tensor]) -> list[Tensor]:
         v = _check_v(v, x)
-        if _norm(v) == 0.0:
+        if norm(v) == 0.0:
             return [torch.zeros_like(p) for p in x]
         e = fd_eps(x, v) if eps is None else float(eps)
         for xi, vi, xp, xm in zip(x, v, plus, minus):
@@ -201,7 +196,7 @@ def _make_fd_inplace(loss_fns: list[LossFn], params: list[Tensor], eps: Optional
 
     def hvp(v: list[Tensor]) -> list[Tensor]:
         v = _check_v(v, params)
-        if _norm(v) == 0.0:
+        if norm(v) == 0.0:
             return [torch.zeros_like(p) for p in params]
         e = fd_eps(params, v) if eps is None else float(eps)
         d: list[Optional[Tensor]] = [None] * len(params)

@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from resalign_fast.hypergrad.vec import norm_sq
 from resalign_fast.ops.richardson_step import richardson_step
 
 HVP = Callable[[list[Tensor]], list[Tensor]]
@@ -41,10 +42,6 @@ def _flat(t: Tensor) -> Tensor:
 
 def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     return sum((x * y).sum() for x, y in zip(a, b))  # type: ignore[return-value]
-
-
-def _norm_sq(a: Sequence[Tensor]) -> float:
-    return float(torch.stack([x.detach().square().sum(dtype=torch.float64) for x in a]).sum())
 
 
 def _check(b: Sequence[Tensor], iters: int) -> list[Tensor]:
@@ -123,7 +120,7 @@ def richardson_trace(
     if iters == 0:
         return [torch.zeros_like(x) for x in b], trace
     v = [alpha * x for x in b]
-    if trace.push(math.sqrt(_norm_sq(v)), stop_on_growth):
+    if trace.push(math.sqrt(norm_sq(v)), stop_on_growth):
         return v, trace
     for _ in range(iters - 1):
         hv = _hvp_checked(hvp, v)
@@ -179,13 +176,13 @@ def neumann_trace(
     trace = SolveTrace()
     p = list(b)
     s = [x.clone() for x in b]
-    if not trace.push(math.sqrt(_norm_sq(p)), stop_on_growth):
+    if not trace.push(math.sqrt(norm_sq(p)), stop_on_growth):
         for _ in range(iters):
             hp = _hvp_checked(hvp, p)
             trace.hvps += 1
             p = [pi - alpha * (pi + gamma * hi.detach()) for pi, hi in zip(p, hp)]
             s = [si + pi for si, pi in zip(s, p)]
-            if trace.push(math.sqrt(_norm_sq(p)), stop_on_growth):
+            if trace.push(math.sqrt(norm_sq(p)), stop_on_growth):
                 break
     return [alpha * si for si in s], trace
 

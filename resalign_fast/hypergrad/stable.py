@@ -36,7 +36,8 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from resalign_fast.hypergrad.guard import GuardInfo, _norm
+from resalign_fast.hypergrad.guard import GuardInfo
+from resalign_fast.hypergrad.vec import dot, norm
 from resalign_fast.inner.inplace import host_backup
 
 logger = logging.getLogger("resalign_fast.hypergrad")
@@ -54,10 +55,6 @@ SAFETY = 1.5
 GROWTH = 1.05
 
 
-def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
-    return float(torch.stack([(x.detach().double() * y.detach().double()).sum() for x, y in zip(a, b)]).sum())
-
-
 def power_iteration(hvp: Callable[[list[Tensor]], list[Tensor]], start: Sequence[Tensor], iters: int
                     ) -> tuple[float, list[Tensor], int]:
     """Dominant eigenvalue of H (largest |h|, signed) by power iteration.
@@ -71,7 +68,7 @@ def power_iteration(hvp: Callable[[list[Tensor]], list[Tensor]], start: Sequence
         (mu, u, hvps): the Rayleigh quotient u^T H u of the last unit vector u, u itself, HVP calls.
         mu is nan when a value was not finite or the start was zero.
     """
-    n = _norm(start)
+    n = norm(start)
     if not (n > 0 and math.isfinite(n)):
         return math.nan, [torch.zeros_like(x) for x in start], 0
     u = [x.detach() / n for x in start]
@@ -80,8 +77,8 @@ def power_iteration(hvp: Callable[[list[Tensor]], list[Tensor]], start: Sequence
     for _ in range(max(1, iters)):
         hu = [_own(h.detach().to(x.dtype), x) for h, x in zip(hvp(u), u)]
         calls += 1
-        mu = _dot(u, hu)
-        hn = _norm(hu)
+        mu = dot(u, hu)
+        hn = norm(hu)
         if not (math.isfinite(hn) and math.isfinite(mu)):
             return math.nan, u, calls
         if hn == 0:
@@ -125,7 +122,7 @@ def stable_hypergrad(
     """
     direct = [d.detach() for d in direct]
     b = [x.detach() for x in b]
-    info = GuardInfo(direct_norm=_norm(direct), alpha_used=math.nan)
+    info = GuardInfo(direct_norm=norm(direct), alpha_used=math.nan)
     if not math.isfinite(info.direct_norm):
         raise ValueError("stable_hypergrad: the direct gradient is not finite")
 
@@ -134,7 +131,7 @@ def stable_hypergrad(
 
     v, u = None, list(b)
     if gamma > 0 and iters > 0:
-        is_warm = warm is not None and len(warm) == len(b) and _norm(warm) > 0
+        is_warm = warm is not None and len(warm) == len(b) and norm(warm) > 0
         # a warm start is already close to the eigenvector: one HVP refreshes the estimate
         mu, u, info.hvps = power_iteration(hvp, on_device(warm if is_warm else b), 1 if is_warm else power_iters)
         if device is not None:  # the caller keeps u between outer steps: it waits in host memory
@@ -157,7 +154,7 @@ def stable_hypergrad(
         v = on_device(b)
     pv = v if pullback is None else [x.detach() for x in pullback(v)]
     g = [d + x.to(d.dtype) for d, x in zip(direct, pv)]
-    info.grad_norm, info.v_norm = _norm(g), _norm(pv)
+    info.grad_norm, info.v_norm = norm(g), norm(pv)
     return g, info, u
 
 
@@ -175,7 +172,7 @@ def _richardson_from_b(hvp, b: list[Tensor], alpha: float, gamma: float, iters: 
     (None, why it failed). In place: the residual overwrites the HVP's output and v is updated in
     place, so the full-size vectors alive are v, H v and b (which may wait in host memory)."""
     v = [x.to(device or x.device, copy=True) for x in b]
-    bn = _norm(b)
+    bn = norm(b)
     prev = 0.0
     for k in range(iters):
         hv = hvp(v)
@@ -184,7 +181,7 @@ def _richardson_from_b(hvp, b: list[Tensor], alpha: float, gamma: float, iters: 
             r = [_own(h.detach().to(vi.dtype), vi, bi).mul_(-gamma).add_(bi.to(vi.device, non_blocking=True)).sub_(vi)
                  for bi, vi, h in zip(b, v, hv)]
         del hv
-        rn = _norm(r)
+        rn = norm(r)
         info.rel_residual = rn / bn if bn > 0 else 0.0
         if not math.isfinite(rn):
             return None, f"non-finite residual at iteration {k + 1}"
