@@ -90,3 +90,16 @@ def test_sampling_is_seeded_and_uniform():
     draws = sp.sample(4000, torch.Generator().manual_seed(0))
     frac_lora = sum(c.algorithm == "lora" for c in draws) / len(draws)
     assert abs(frac_lora - 0.5) < 0.04
+
+
+def test_package_exports_its_public_api():
+    import resalign_fast
+    from resalign_fast import ResAlignConfig, implicit_hypergrad, richardson_solve
+    from resalign_fast.config import ResAlignConfig as C
+    from resalign_fast.hypergrad import implicit_hypergrad as ih, richardson_solve as rs
+
+    assert (ResAlignConfig, implicit_hypergrad, richardson_solve) == (C, ih, rs)
+    assert sorted(resalign_fast.__all__) == ["ResAlignConfig", "implicit_hypergrad", "richardson_solve"]
+    assert set(resalign_fast.__all__) <= set(dir(resalign_fast))
+    with pytest.raises(AttributeError):
+        resalign_fast.nothing_here

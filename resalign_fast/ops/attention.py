@@ -21,7 +21,6 @@ differentiation order the caller needs, and explains every refusal.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -350,8 +349,9 @@ def _reasons(order: int):
             return []
         if q is None:  # environment-only check
             return registry.triton_reasons([], interpreter_dtypes=(torch.float32,))
-        if not q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":  # do not import the kernels
-            return [f"triton: tensors are on {q.device.type}; CPU tensors need TRITON_INTERPRET=1"]
+        if not q.is_cuda and not registry.interpreter_active():  # do not import the kernels
+            return [f"triton: tensors are on {q.device.type}; CPU tensors need TRITON_INTERPRET=1 "
+                    "(set before triton is imported)"]
         try:
             return _triton_module().not_supported_reasons(q, k, v, attn_mask)
         except ImportError as e:
