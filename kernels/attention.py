@@ -1,6 +1,7 @@
 """Flash-style attention in Triton (online softmax, O(N) memory), differentiable at every order.
 
-Kernels -> launchers -> `AttentionImpl` -> the autograd Functions of resalign_fast.ops.attention:
+Kernels -> launchers (`attention_fwd_triton`, `attention_bwd_triton`); resalign_fast.ops.attention wraps
+the launchers in an `AttentionImpl` for its autograd Functions (this file imports only torch and triton):
 
 * `_fwd_kernel`: one program per (query block, batch*head); streams key/value blocks with an online
   softmax and writes out and the row logsumexp (fp32).
@@ -23,7 +24,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from resalign_fast.ops.attention import DEFAULT_CHUNK, AttentionImpl, chunked_attention
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -227,24 +227,6 @@ def attention_bwd_triton(
     return dq, dk, dv
 
 
-def _no_mask(mask):
-    if mask is not None:
-        raise ValueError("triton attention has no mask support; use chunked_attention")
-
-
-def _impl_forward(q, k, v, mask, scale, chunk):
-    _no_mask(mask)
-    return attention_fwd_triton(q, k, v, scale)
-
-
-def _impl_backward(q, k, v, out, lse, dout, mask, scale, chunk):
-    _no_mask(mask)
-    return attention_bwd_triton(q, k, v, out, lse, dout, scale)
-
-
-TRITON = AttentionImpl(_impl_forward, _impl_backward)
-
-
 def not_supported_reasons(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None) -> list[str]:
     """Why the Triton kernels cannot run these inputs (empty: they can)."""
     reasons = []
@@ -260,25 +242,3 @@ def not_supported_reasons(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | N
     if attn_mask is not None:
         reasons.append("triton: no attention mask support")
     return reasons
-
-
-def attention_triton(
-    q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, chunk: int = DEFAULT_CHUNK
-) -> Tensor:
-    """Flash attention forward/backward in Triton; double backward and jvp via chunked recomputation.
-
-    Args:
-        q: (B, H, Nq, D); k, v: (B, H, Nk, D); fp16/bf16/fp32 on CUDA (or CPU under the interpreter).
-        scale: score scale; None means D ** -0.5.
-        chunk: query rows per chunk of the higher-order (chunked) rules.
-
-    Returns:
-        (B, H, Nq, D).
-
-    Raises:
-        ValueError: the inputs are not supported; lists every reason.
-    """
-    reasons = not_supported_reasons(q, k, v)
-    if reasons:
-        raise ValueError("; ".join(reasons))
-    return chunked_attention(q, k, v, scale, chunk, impl=TRITON)

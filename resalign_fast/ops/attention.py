@@ -341,6 +341,44 @@ def _triton_module():
     return registry.import_kernels("attention")
 
 
+def _triton_impl() -> AttentionImpl:
+    """The Triton kernels (resalign_fast.kernels.attention) as an `AttentionImpl`: flash forward and
+    backward; the higher orders reuse the chunked rules on top of them."""
+    kern = _triton_module()
+
+    def forward(q, k, v, mask, scale, chunk):
+        if mask is not None:
+            raise ValueError("triton attention has no mask support; use chunked_attention")
+        return kern.attention_fwd_triton(q, k, v, scale)
+
+    def backward(q, k, v, out, lse, dout, mask, scale, chunk):
+        if mask is not None:
+            raise ValueError("triton attention has no mask support; use chunked_attention")
+        return kern.attention_bwd_triton(q, k, v, out, lse, dout, scale)
+
+    return AttentionImpl(forward, backward)
+
+
+def attention_triton(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, chunk: int = DEFAULT_CHUNK) -> Tensor:
+    """Flash attention forward/backward in Triton; double backward and jvp via chunked recomputation.
+
+    Args:
+        q: (B, H, Nq, D); k, v: (B, H, Nk, D); fp16/bf16/fp32 on CUDA (or CPU under the interpreter).
+        scale: score scale; None means D ** -0.5.
+        chunk: query rows per chunk of the higher-order (chunked) rules.
+
+    Returns:
+        (B, H, Nq, D).
+
+    Raises:
+        ValueError: the inputs are not supported; lists every reason.
+    """
+    reasons = _triton_module().not_supported_reasons(q, k, v)
+    if reasons:
+        raise ValueError("; ".join(reasons))
+    return chunked_attention(q, k, v, scale, chunk, impl=_triton_impl())
+
+
 def _reasons(order: int):
     def reasons(backend: str, q=None, k=None, v=None, attn_mask=None) -> list[str]:
         if backend == "sdpa" and order >= 2:
@@ -428,5 +466,5 @@ def attention(
     if name == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
     if name == "triton":
-        return _triton_module().attention_triton(q, k, v, scale, chunk)
+        return attention_triton(q, k, v, scale, chunk)
     return chunked_attention(q, k, v, scale, chunk, attn_mask)
