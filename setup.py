@@ -225,7 +225,7 @@ def main() -> None:
         package_dir={"resalign_fast.kernels": "kernels"},
         # Data shipped inside the package: model assets and the TOML run configurations.
         package_data={"resalign_fast": [f"assets/**/*.{ext}" for ext in ("safetensors", "json", "txt", "csv")]
-                      + ["**/*.toml"]},
+                      + ["**/*.toml", "_C.pyi"]},
         include_package_data=False,
         # No torch pin: the README installs torch==2.13.0 (CPU) first; a pin here would make pip
         # fetch the CUDA build of another version.
