@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import torch
 
 from resalign_fast.config import ConfigError, _f
 from resalign_fast.eval.cliconf import dump_toml, parse_dataclass, parse_list
