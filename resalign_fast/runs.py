@@ -38,6 +38,18 @@ def write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def save_atomic(obj, path: Path) -> None:
+    """`torch.save(obj)` to path, flushed to disk before it replaces the old file: a kill leaves
+    either the old checkpoint or the new one, never a torn file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Path):
     """Yield a temporary folder beside `final`; when the block ends without an exception it becomes
@@ -175,14 +187,9 @@ def checkpoint_save(ckpt_dir: Path, algo, step: int) -> None:
     """
     if not all(torch.isfinite(p).all() for p in algo.theta):
         raise RunError(f"outer step {step}: theta holds NaN or inf, not checkpointed (the previous checkpoint is kept)")
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    tmp = ckpt_dir / (CKPT + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save({"step": step, "theta": [p.detach().cpu() for p in algo.theta], "opt": algo.opt.state_dict(),
-                    "warm_vectors": getattr(algo, "warm_vectors", {}), "carry": getattr(algo, "carry", {})}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(ckpt_dir / CKPT)
+    save_atomic({"step": step, "theta": [p.detach().cpu() for p in algo.theta], "opt": algo.opt.state_dict(),
+                 "warm_vectors": getattr(algo, "warm_vectors", {}), "carry": getattr(algo, "carry", {})},
+                ckpt_dir / CKPT)
 
 
 def checkpoint_read(ckpt_dir: Path) -> Optional[dict]:

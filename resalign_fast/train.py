@@ -33,12 +33,12 @@ from typing import Optional
 
 import torch
 
-from resalign_fast.threads import set_threads
 from resalign_fast.config import ConfigError, ResAlignConfig, parse_config, to_toml
 from resalign_fast.distributed import DistContext
 from resalign_fast.runs import (ModelDiverged, RunError, check_resume_config, checkpoint_load, checkpoint_read, checkpoint_save,
                                 export_run, folder_contents, load_data, lock_folder, pick_device, sample_grid,
                                 truncate_metrics, write_atomic)
+from resalign_fast.threads import set_threads
 
 log = logging.getLogger("resalign_fast.train")
 # a skipped step leaves theta unchanged: a run that skipped most of its steps did under half of its

@@ -8,12 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from tiny import run_and_kill
 from resalign_fast import evaluate, finetune, prepare_data, train
 from resalign_fast.config import ConfigError, ResAlignConfig, load_toml, parse_config, to_toml
 from resalign_fast.runs import lock_folder
@@ -125,25 +125,6 @@ def test_finetune_refuses_an_earlier_run_without_model(tiny_model_dir, tmp_path,
     assert {f: (out / f).read_bytes() for f in _files(out)} == before
 
 
-def _ft_subprocess(args, log: Path, lines: int, timeout: float = 240.0) -> None:
-    """Run finetune in a subprocess and SIGKILL it once log.jsonl has `lines` lines."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "resalign_fast.finetune", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    t0 = time.time()
-    try:
-        while proc.poll() is None and time.time() - t0 < timeout:
-            if log.is_file() and len(log.read_text().splitlines()) >= lines:
-                proc.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.02)
-    finally:
-        if proc.poll() is None and time.time() - t0 >= timeout:
-            proc.kill()
-        _, err = proc.communicate()
-    assert proc.returncode == -signal.SIGKILL, f"not killed (rc {proc.returncode}):\n{err.decode()[-2000:]}"
-
-
 def test_finetune_sigkill_then_resume_equals_uninterrupted(tiny_model_dir, tmp_path):
     from resalign_fast.models.pipeline import load_model
 
@@ -152,7 +133,7 @@ def test_finetune_sigkill_then_resume_equals_uninterrupted(tiny_model_dir, tmp_p
     assert finetune.main(_ft_args(tiny_model_dir, ref, *steps)) == 0
     out = tmp_path / "ft"
     args = _ft_args(tiny_model_dir, out, *steps)
-    _ft_subprocess(args, out / "log.jsonl", 5)  # after the checkpoint of step 4, inside step 5 or 6
+    run_and_kill("resalign_fast.finetune", args, out / "log.jsonl", 5)  # after the checkpoint of step 4, inside step 5 or 6
     assert not (out / "model").exists()
     assert finetune.main(args + ["--resume"]) == 0
     a, b = load_model(ref / "model").unet, load_model(out / "model").unet

@@ -3,17 +3,13 @@
 checkpoint write and the export."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from tiny import run_and_kill
 from resalign_fast import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,21 +55,7 @@ def reference(tiny_model_dir, tiny_ft_space, tmp_path_factory):
 
 
 def _kill_when(args, metrics: Path, lines: int, timeout: float = 120.0) -> None:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "resalign_fast.train", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    t0 = time.time()
-    try:
-        while proc.poll() is None and time.time() - t0 < timeout:
-            if metrics.is_file() and len(metrics.read_text().splitlines()) >= lines:
-                proc.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.02)
-    finally:
-        if proc.poll() is None and time.time() - t0 >= timeout:
-            proc.kill()
-        err = proc.communicate()[1].decode(errors="replace")
-    assert proc.returncode == -signal.SIGKILL, f"not killed (rc {proc.returncode}):\n{err[-2000:]}"
+    run_and_kill("resalign_fast.train", args, metrics, lines, timeout)
 
 
 def test_sigkill_subprocess_then_resume_matches_uninterrupted(reference, tiny_model_dir, tiny_ft_space, tmp_path):

@@ -8,3 +8,31 @@ def tiny_unet_config(**kw) -> dict:
                cross_attention_dim=8, attention_head_dim=2, norm_num_groups=4)
     cfg.update(kw)
     return cfg
+
+
+def run_and_kill(module: str, args: list[str], watched, lines: int, timeout: float = 240.0) -> None:
+    """Run `python -m <module> args` in a subprocess (one thread) and SIGKILL it as soon as the file
+    `watched` has `lines` lines; asserts that it was killed, not finished or crashed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=root, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    t0 = time.time()
+    try:
+        while proc.poll() is None and time.time() - t0 < timeout:
+            if watched.is_file() and len(watched.read_text().splitlines()) >= lines:
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.02)
+    finally:
+        if proc.poll() is None and time.time() - t0 >= timeout:
+            proc.kill()
+        err = proc.communicate()[1].decode(errors="replace")
+    assert proc.returncode == -signal.SIGKILL, f"not killed (rc {proc.returncode}):\n{err[-2000:]}"

@@ -26,10 +26,10 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from resalign_fast.threads import set_threads
 from resalign_fast.config import ConfigError, _f
 from resalign_fast.data.encoded import EncodedSet, encode_set
 from resalign_fast.eval.cliconf import dump_toml, parse_list
+from resalign_fast.threads import set_threads
 
 log = logging.getLogger("resalign_fast.finetune")
 
@@ -339,7 +339,6 @@ def save_state(out_dir: Path, step: int, params: list[torch.Tensor], opt, sched,
                unet: torch.nn.Module) -> None:
     """checkpoints/last.pt: the trainable weights, optimizer, schedule, batch RNG (and loss scaler)
     after `step` steps, written to a temporary file and renamed. Non-finite weights are not saved."""
-    import os
 
     from resalign_fast.models.health import UnhealthyModel, check_weights
 
@@ -347,16 +346,11 @@ def save_state(out_dir: Path, step: int, params: list[torch.Tensor], opt, sched,
         check_weights(unet)
     except UnhealthyModel as e:
         raise FinetuneDiverged(f"step {step}: {e}; not checkpointed (try a smaller --learning_rate)") from None
-    d = out_dir / "checkpoints"
-    d.mkdir(parents=True, exist_ok=True)
-    tmp = d / f".{STATE}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save({"step": step, "params": [p.detach().cpu() for p in params], "opt": opt.state_dict(),
-                    "sched": sched.state_dict(), "gen": gen.get_state(),
-                    "scaler": scaler.state_dict() if scaler is not None else None}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(d / STATE)
+    from resalign_fast.runs import save_atomic
+
+    save_atomic({"step": step, "params": [p.detach().cpu() for p in params], "opt": opt.state_dict(),
+                 "sched": sched.state_dict(), "gen": gen.get_state(),
+                 "scaler": scaler.state_dict() if scaler is not None else None}, out_dir / "checkpoints" / STATE)
 
 
 def read_state(out_dir: Path) -> Optional[dict]:
