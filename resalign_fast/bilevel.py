@@ -252,6 +252,7 @@ class ResAlign:
         fine-tuning ends in a non-finite theta* or L_h(theta*) (the guard would otherwise hide it).
         """
         cfg = self.cfg
+        st.setdefault("slot", 0)  # the configuration slot (callers outside step() may leave it out)
         prob = inner_problem(self.space, cfg.theta, c.algorithm, theta)
         if cfg.hypergrad == "unrolled":
             with _attention_ctx(cfg, False):
@@ -260,7 +261,7 @@ class ResAlign:
             return self._lean_full(c, prob, theta, direct, hb, gen, st)
         phi0 = [p.detach() for p in prob.phi0(theta)]
         prox = cfg.gamma if cfg.proximal else None
-        slot = str(st.get("slot", 0))
+        slot = str(st["slot"])
         start, state = self._carried(slot, c, phi0)
         with _attention_ctx(cfg, False):
             phi_star = simulate_finetune(prob.space, phi0, c, self.data["ft"], self.data["preserve"], self.alphas,
@@ -346,7 +347,7 @@ class ResAlign:
 
         if cfg.guard == "stable" and cfg.solver == "richardson":
             # keyed by configuration slot, so the history does not depend on how ranks split the slots
-            key = f"{st.get('slot', 0)}:{c.algorithm}"
+            key = f"{st['slot']}:{c.algorithm}"
             warm = self.warm_vectors.get(key)
             device = None
             if inplace:  # every full-size vector on the device counts: b and u wait in host memory

@@ -42,8 +42,8 @@ def project_step(unet: torch.nn.Module, spec: ModelSpec, recipe: Recipe, C: FTCo
             what the lean path allocates in host memory (`inner.inplace.host_empty`: the backup
             of the starting weights, the offloaded optimizer state) runs under it. None: counted
             like any other storage.
-        guard: the trainer's config field `guard` ("stable", "reference"); None: its default.
-            "reference" (no retries here) runs the plain Richardson solve that `recipes` traces.
+        guard: the trainer's config field `guard` ("stable", "reference"); None: the recipe's
+            (`Recipe.guard`). "reference" runs one attempt of the plain Richardson solve (no retries).
     """
     from resalign_fast.bilevel import ResAlign
     from resalign_fast.config import ResAlignConfig
@@ -70,17 +70,5 @@ def project_step(unet: torch.nn.Module, spec: ModelSpec, recipe: Recipe, C: FTCo
                                optimizer=C.optim, batch_size=n),))
     data = {"harmful": encoded(), "preserve": encoded(), "ft": encoded()}
     trainer = ResAlign(cfg, model, data, space, torch.randn(spec.text_shape(1), device=device))
-    import resalign_fast.bilevel as bilevel
-
-    simulate = bilevel.simulate_inplace
-
-    def simulate_inplace(*args, offload=None, **kwargs):
-        # the config field, for as long as bilevel does not pass it itself
-        return simulate(*args, offload=cfg.offload_optimizer_state if offload is None else offload, **kwargs)
-
-    bilevel.simulate_inplace = simulate_inplace
-    try:
-        with host_allocations(host):  # on meta tensors host memory cannot be real host memory
-            trainer.step(0)
-    finally:
-        bilevel.simulate_inplace = simulate
+    with host_allocations(host):  # on meta tensors host memory cannot be real host memory
+        trainer.step(0)
