@@ -42,7 +42,7 @@ from resalign_fast.inner.inplace import host_backup
 
 logger = logging.getLogger("resalign_fast.hypergrad")
 
-__all__ = ["SAFETY", "power_iteration", "stable_hypergrad"]
+__all__ = ["SAFETY", "power_iteration", "stable_hypergrad", "stable_solve"]
 
 # Power iteration approaches |mu_max| from below; 1.5 leaves room for a 33% underestimate. Measured
 # (fp64, 200 eigenvalues spread evenly over [0, 100], random start, 5 trials): 2 iterations reach
@@ -126,6 +126,37 @@ def stable_hypergrad(
     if not math.isfinite(info.direct_norm):
         raise ValueError("stable_hypergrad: the direct gradient is not finite")
 
+    v, u = stable_solve(hvp, b, gamma=gamma, iters=iters, power_iters=power_iters, warm=warm, device=device,
+                        info=info)
+    if info.fallback:
+        logger.debug("stable guard: first-order resilience term (%s)", info.reasons[-1])
+    pv = v if pullback is None else [x.detach() for x in pullback(v)]
+    g = [d + x.to(d.dtype) for d, x in zip(direct, pv)]
+    info.grad_norm, info.v_norm = norm(g), norm(pv)
+    return g, info, u
+
+
+def stable_solve(
+    hvp: Callable[[list[Tensor]], list[Tensor]],
+    b: Sequence[Tensor],
+    *,
+    gamma: float,
+    iters: int,
+    power_iters: int = 3,
+    warm: Optional[Sequence[Tensor]] = None,
+    device: Optional[torch.device] = None,
+    info: Optional[GuardInfo] = None,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """The stable guard's solve, v ~ (I + gamma H)^-1 b (arguments as `stable_hypergrad`): the step
+    from power iteration, Richardson from v_0 = b, v = b on failure (info.fallback, info.reasons).
+
+    Returns:
+        (v, u): v on `device` (b's when None); u the eigenvector estimate (in b's memory when
+        `device` is given, else on the device; b itself when no HVP ran).
+    """
+    info = GuardInfo(direct_norm=math.nan, alpha_used=math.nan) if info is None else info
+    b = [x.detach() for x in b]
+
     def on_device(xs: Sequence[Tensor]) -> list[Tensor]:
         return list(xs) if device is None else [x.to(device, non_blocking=True) for x in xs]
 
@@ -148,14 +179,9 @@ def stable_hypergrad(
             if reason:
                 info.reasons.append(reason)
         info.fallback = bool(info.reasons)
-        if info.fallback:
-            logger.debug("stable guard: first-order resilience term (%s)", info.reasons[-1])
     if v is None or info.fallback:
         v = on_device(b)
-    pv = v if pullback is None else [x.detach() for x in pullback(v)]
-    g = [d + x.to(d.dtype) for d, x in zip(direct, pv)]
-    info.grad_norm, info.v_norm = norm(g), norm(pv)
-    return g, info, u
+    return v, u
 
 
 def _own(h: Tensor, *others: Tensor) -> Tensor:

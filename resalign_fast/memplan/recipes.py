@@ -163,19 +163,9 @@ def _richardson(hvp, b, shape: StepShape, guard: str = "stable", device=None) ->
 
         return richardson_solve(hvp, b, alpha=shape.alpha, gamma=shape.gamma, iters=shape.iters)
     if _has("resalign_fast.hypergrad.stable"):
-        from resalign_fast.hypergrad.guard import GuardInfo
-        from resalign_fast.hypergrad.stable import SAFETY, _richardson_from_b, power_iteration
+        from resalign_fast.hypergrad.stable import stable_solve
 
-        mu, u, _ = power_iteration(hvp, b if device is None else [x.to(device) for x in b], 3)
-        if device is not None:  # the eigenvector waits in host memory, as in the trainer
-            from resalign_fast.inner.inplace import host_backup
-
-            u = host_backup(u)
-        alpha = 1.0 / (1 + shape.gamma * SAFETY * abs(mu))
-        v, _ = _richardson_from_b(hvp, b, alpha, shape.gamma, shape.iters, GuardInfo(direct_norm=0.0, alpha_used=alpha),
-                                  device)
-        del u
-        return b if v is None else v
+        return stable_solve(hvp, b, gamma=shape.gamma, iters=shape.iters, device=device)[0]
     v = [torch.zeros_like(t) for t in b]  # LOCAL STAND-IN: v_{k+1} = v_k + a (b - v_k - g H v_k)
     for _ in range(shape.iters):
         hv = hvp(v)
