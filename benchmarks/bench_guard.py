@@ -36,7 +36,7 @@ def _algo(cfg: ResAlignConfig):
     data.pop("_sample_prompts")
     uncond = model.encode_prompts([""]).float()
     torch.manual_seed(cfg.seed)
-    return ResAlign(cfg, model, data, load_ft_space(cfg.ft_space), uncond)
+    return ResAlign(cfg, model, data, load_ft_space(cfg.ft_space), uncond_emb=uncond)
 
 
 def _cos(a, b) -> float:
@@ -47,22 +47,15 @@ def _cos(a, b) -> float:
 def _step0_hypergrads(algo) -> list[list[torch.Tensor]]:
     """Each configuration's hypergradient of outer step 0 (as `ResAlign.step` computes it, no update)."""
     from resalign_fast.bilevel import config_generator
-    from resalign_fast.objectives import sigmoid_ramp, target_loss
 
     cfg = algo.cfg
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003)
-    w_r = sigmoid_ramp(0, cfg.outer_steps, cfg.w_r_start, cfg.w_r_end)
-    hb, pb = algo.harmful_batch(gen), algo.preserve_batch(gen)
-    theta = [p.detach().requires_grad_(True) for p in algo.theta]
-    lh = algo.harmful_loss(algo.space, theta, hb)
-    r = target_loss(algo.space.eps(theta, pb.x_t, pb.t, pb.emb), pb)
-    direct = torch.autograd.grad((1 - cfg.lam) * lh + w_r * r, theta)
+    direct = algo.direct_grad(0, gen)
     configs = algo.ft_space.sample(cfg.configs_per_step, gen)
     out = []
     for i, c in enumerate(configs):
-        st = {"lh_star": None, "slot": i}
-        g, info = algo._config_hypergrad(c, theta, direct, hb, config_generator(cfg.seed, 0, i), st)
-        out.append(None if info is not None and info.fallback and cfg.solver == "cg" else [x.detach().clone() for x in g])
+        r = algo.config_hypergrad(c, direct, config_generator(cfg.seed, 0, i), slot=i)
+        out.append(None if r.fallback and cfg.solver == "cg" else [x.detach().clone() for x in r.grad])
     return out
 
 

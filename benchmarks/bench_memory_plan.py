@@ -23,7 +23,8 @@ import torch
 
 from resalign_fast.memplan.estimate import Estimator, measure
 from resalign_fast.memplan.meta import reference_ops
-from resalign_fast.memplan.recipes import PI_C, REFERENCE, Recipe, StepShape, outer_step
+from resalign_fast.memplan.recipes import PI_C, REFERENCE, Recipe, StepShape
+from resalign_fast.memplan.trainer import build_trainer, trainer_step
 from resalign_fast.memplan.unets import MODELS, build_unet
 
 CONFIGS = {c.name: c for c in PI_C}
@@ -43,7 +44,6 @@ GPU_CASES = [  # (recipe, configuration): chosen to span 4 to 50 GiB estimated
 
 def test_trace_time_sd_v1_4(benchmark):
     est = Estimator("sd-v1-4", StepShape(), target="cuda")
-    est.unet("fp32")
     recipe = Recipe("fd/fused/ckpt", "fd", "fused", True)
     out = benchmark.pedantic(lambda: est.run(recipe, CONFIGS["lora-sgd-standard"]), rounds=1, iterations=1)
     benchmark.extra_info.update({"estimate_gib": out.peak / 2**30, "trace_seconds": out.seconds})
@@ -66,7 +66,7 @@ def test_estimate_vs_cpu_allocator_tiny(benchmark, recipe, config):
 
 def gpu_check(cases=GPU_CASES, shape: StepShape = StepShape(), model: str = "sd-v1-4",
               estimate: bool = True) -> list[dict]:
-    """Measure real outer steps on the GPU next to their estimates (see module doc).
+    """Measure the trainer's real outer steps on the GPU next to their estimates (see module doc).
 
     Args:
         cases: (recipe, configuration name) pairs.
@@ -78,11 +78,9 @@ def gpu_check(cases=GPU_CASES, shape: StepShape = StepShape(), model: str = "sd-
     est = Estimator(spec, shape, target="cuda")
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
-    with torch.device(dev):
-        unet = build_unet(spec)
     rows = []
     for recipe, name in cases:
-        e = est.run_phases(recipe, CONFIGS[name]) if estimate else None
+        e = est.run(recipe, CONFIGS[name]) if estimate else None
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
@@ -91,16 +89,15 @@ def gpu_check(cases=GPU_CASES, shape: StepShape = StepShape(), model: str = "sd-
         t0 = time.perf_counter()
         err = ""
         try:
+            with torch.device(dev):
+                unet = build_unet(spec)  # a fresh one: the trainer adds its adapter to it
             with reference_ops():
-                outer_step(unet, spec, recipe, CONFIGS[name], shape, device=dev)
+                trainer_step(build_trainer(unet, spec, recipe, CONFIGS[name], shape, device=dev.type))
             if cuda:
                 torch.cuda.synchronize()
         except Exception as ex:  # an out-of-memory or unsupported case is a row, not a crash
             err = f"{type(ex).__name__}: {str(ex).splitlines()[0][:160]}"
-        for n, p in unet.named_parameters():
-            p.grad = None
-            p.requires_grad_("lora_" in n)
-        unet.enable_adapters()
+        unet = None
         measured = torch.cuda.max_memory_allocated() if cuda else 0
         rows.append({"recipe": recipe.name, "config": name, "estimate": e and e.peak,
                      "measured": measured, "reserved": torch.cuda.max_memory_reserved() if cuda else 0,

@@ -52,7 +52,7 @@ def one_run(params, start, loss, steps: int, offload: bool, track: bool = False,
     picks one of the two (the time of a tracked run and the peak of an untracked one are 0)."""
     from resalign_fast.inner.inplace import simulate_inplace
     from resalign_fast.inner.optim import OptimSpec
-    from resalign_fast.memplan.recipes import host_allocations
+    from resalign_fast.memplan.trainer import host_allocations
     from resalign_fast.memplan.tracker import StorageTracker
 
     with torch.no_grad():

@@ -11,7 +11,7 @@ fine-tuning) and K = 5 Richardson iterations. Per recipe: the peak torch.cuda.ma
 of the step (UNet and data resident, counted from after they are), the seconds of the step, the
 ratios and the hypergradient cosine against the reference recipe (fp32, math attention, double
 backward, no checkpointing) measured in the same run, and the memory planner's estimate of the
-same step: `Estimator(...).run_project`, which traces the trainer's own `ResAlign.step` on meta
+same step: `Estimator(...).run`, which traces the trainer's own `ResAlign.step` on meta
 tensors with the same configuration fields, so every recipe maps to a planner recipe exactly.
 
 The planner traces on the CPU. On the GPU (--plan-jobs > 0, the default there) the estimates run in
@@ -105,7 +105,7 @@ def cpu_peak_host(algo, fn):
     """outer_step.cpu_peak, except that what the trainer puts in host memory (inner.inplace.host_empty:
     lean_full's backup of the starting weights) is not counted, as on a GPU (it is pinned host memory
     there, outside max_memory_allocated) and as in the planner."""
-    from resalign_fast.memplan.recipes import host_allocations
+    from resalign_fast.memplan.trainer import host_allocations
     from resalign_fast.memplan.tracker import StorageTracker
 
     with StorageTracker(block=1) as tr:
@@ -127,9 +127,9 @@ def bench_guard(name: str) -> str:
 def planner_recipe(name: str):
     """The planner Recipe of benchmark recipe `name`, and how well it matches.
 
-    run_project passes hvp, gradient checkpointing, lean_full and split_terms to ResAlignConfig as
-    they are, attention as "math" or "auto", and the guard given to it (`bench_guard`), so every
-    benchmark recipe has an exact counterpart."""
+    `recipes.trainer_config` passes hvp, gradient checkpointing, lean_full and split_terms to
+    ResAlignConfig as they are, attention "fused" as "lean", and the estimator's guard
+    (`bench_guard`), so every benchmark recipe has an exact counterpart."""
     from resalign_fast.memplan.recipes import Recipe
 
     r = RECIPES[name]
@@ -146,7 +146,7 @@ def estimate_task(unet_config: dict, latent: int, name: str, algo: str, target: 
     try:
         torch.set_num_threads(1)
         from resalign_fast.memplan.estimate import Estimator
-        from resalign_fast.memplan.recipes import FTConfig, StepShape
+        from resalign_fast.memplan.recipes import ConfigKind, StepShape
         from resalign_fast.memplan.unets import ModelSpec
 
         spec = ModelSpec(dict(unet_config), text_len=TEXT_LEN, vae_factor=8)
@@ -156,8 +156,8 @@ def estimate_task(unet_config: dict, latent: int, name: str, algo: str, target: 
         except ValueError as e:
             return dict(peak=None, error=f"latents {latent}x{latent} do not map to the planner: {e}", seconds=0.0)
         recipe, _ = planner_recipe(name)
-        p = Estimator(spec, shape, block=block, target=target).run_project(recipe, FTConfig(algo, "adam", "standard"),
-                                                                           guard=bench_guard(name))
+        est = Estimator(spec, shape, block=block, target=target, guard=bench_guard(name))
+        p = est.run(recipe, ConfigKind(algo, "adam", "standard"))
         return dict(peak=p.peak, error=p.error, seconds=time.perf_counter() - t0)
     except Exception as e:  # noqa: BLE001 - reported in the table
         return dict(peak=None, error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}",
@@ -257,7 +257,7 @@ def measure(cfg: dict, algos: list[str], recipes: list[str], device: str, measur
 
 def table(rows: list[dict]) -> str:
     head = ("| recipe | peak MiB | peak / reference | s / outer step | time / reference | hypergradient cosine vs reference "
-            "| guard fallbacks / retries | planner recipe (engine project) | match | planner MiB | planner / measured |\n"
+            "| guard fallbacks / retries | planner recipe | match | planner MiB | planner / measured |\n"
             "|---|---|---|---|---|---|---|---|---|---|---|\n")
     body = ""
     for r in rows:
@@ -360,7 +360,7 @@ def main(argv=None) -> int:
     kind = ("torch.cuda.max_memory_allocated, from after the UNet and data are resident (both included)" if dev == "cuda"
             else "live tensor bytes by the storage tracker on the real CPU tensors, UNet and data included")
     plan = (f"Estimator(ModelSpec of this UNet config, StepShape(batch 1, {latent * 8} px, K 5, 2 simulated steps), "
-            f"block {block} B, target {target}).run_project: ResAlign.step traced on meta tensors")
+            f"block {block} B, target {target}).run: ResAlign.step traced on meta tensors")
     for algo in a.algorithms:
         print(f"\n{what}, {latent}x{latent} latents, batch 1, {algo} fine-tuning config (adam, 2 steps), K = 5:\n"
               + table([r for r in rows if r["algo"] == algo]), flush=True)

@@ -85,7 +85,7 @@ def prepare(recipe: str, unet_config: dict, ft_space: Path, device="cpu", iters:
     data = build_data(model, device=device)
     uncond = model.encode_prompts([""]).to(device)
     model.unet.to(device)
-    return ResAlign(cfg, model, data, load_ft_space(cfg.ft_space), uncond)
+    return ResAlign(cfg, model, data, load_ft_space(cfg.ft_space), uncond_emb=uncond)
 
 
 def run_step(algo):
@@ -195,7 +195,7 @@ def workload(unet_config: dict, steps: int = 2, device="cpu", recipes=tuple(WORK
         data = build_data(model, device=device)
         uncond = model.encode_prompts([""]).to(device)
         model.unet.to(device)
-        algos[name] = ResAlign(cfg, model, data, load_ft_space(cfg.ft_space), uncond)
+        algos[name] = ResAlign(cfg, model, data, load_ft_space(cfg.ft_space), uncond_emb=uncond)
         rows[name] = dict(recipe=name, seconds=[], hvps=0, retries=0, fallbacks=0, phases={}, g0=None, configs=[])
     for s in range(steps):
         for name, algo in algos.items():

@@ -2,10 +2,10 @@
 
     python -m resalign_fast.memory --model sd-v1-4 --resolution 512 [--json]
 
-The step runs for real, on meta tensors (shapes and storages, no data), under a tracker of live
-storage bytes (`resalign_fast.memplan`): the project's HVP backends, solver, optimizer and attention
-execute; nothing is computed by formula. Rows are recipes (the reference recipe, then every HVP
-backend x attention x checkpointing), columns the memory-relevant configurations of pi(C).
+The trainer's own outer step (`resalign_fast.bilevel.ResAlign.step`) runs for real, on meta tensors
+(shapes and storages, no data), under a tracker of live storage bytes (`resalign_fast.memplan`):
+nothing is computed by formula. Rows are recipes (the reference recipe, then every HVP backend x
+attention x checkpointing), columns the memory-relevant configurations of pi(C).
 
 What the estimate counts: tensor storages, each rounded up to 512 bytes (the CUDA caching
 allocator's `max_memory_allocated`). What it leaves out: the CUDA context (~0.5 GiB), allocator
@@ -22,14 +22,13 @@ import time
 from dataclasses import asdict, replace
 
 from resalign_fast.memplan.estimate import Estimator
-from resalign_fast.memplan.recipes import HVP_BACKENDS, PI_C, REFERENCE, FTConfig, Recipe, StepShape, sources
-from resalign_fast.memplan.attn import MODES
+from resalign_fast.memplan.recipes import ATTENTION, HVP_BACKENDS, PI_C, REFERENCE, ConfigKind, Recipe, StepShape
 from resalign_fast.memplan.unets import MODELS
 
 GIB = 2**30
 PAPER_PEAK_GB = 56  # ResAlign paper: "peak 56 GB" on one A100 (GB = 1e9 bytes assumed; GiB shown too)
-TARGETS_GIB = {"fd": 6.0, "exact": 12.0}  # issue 4: LoRA configs of pi(C)
-WHOLE_TARGET_GIB = 12.0  # issue 13 (issue 4: 16): every configuration, full-parameter ones included
+TARGETS_GIB = {"fd": 6.0, "exact": 12.0}  # LoRA configurations of pi(C)
+WHOLE_TARGET_GIB = 12.0  # every configuration, full-parameter ones included
 # the trainer's lean_full path (in-place simulation and fd HVPs for full-parameter configurations)
 LEAN = Recipe("fd/fused/ckpt/lean-full", hvp="fd", attention="fused", checkpointing=True, lean_full=True)
 # ... with the simulated optimizer's state in host memory (offload_optimizer_state)
@@ -37,7 +36,7 @@ LEAN_OFFLOAD = Recipe("fd/fused/ckpt/lean-full/offload", hvp="fd", attention="fu
                       lean_full=True, offload_state=True)
 
 
-def our_recipes(hvps=HVP_BACKENDS, attentions=MODES, checkpointing=(False, True),
+def our_recipes(hvps=HVP_BACKENDS, attentions=tuple(ATTENTION), checkpointing=(False, True),
                 weights: str = "fp32") -> list[Recipe]:
     """Every HVP backend x attention x checkpointing (DreamBooth terms split, base weights `weights`)."""
     return [Recipe(f"{h}/{a}/{'ckpt' if c else 'no-ckpt'}", hvp=h, attention=a, checkpointing=c, weights=weights)
@@ -58,19 +57,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target", default="cuda", choices=("cuda", "cpu"), help="device whose fused attention is modelled")
     p.add_argument("--block", type=int, default=512, help="allocation rounding in bytes (CUDA: 512)")
     p.add_argument("--hvp", default=",".join(HVP_BACKENDS), help="comma list of HVP backends")
-    p.add_argument("--attention", default=",".join(MODES), help="comma list of attention modes")
+    p.add_argument("--attention", default=",".join(ATTENTION),
+                   help=f"comma list of attention modes ({', '.join(ATTENTION)})")
     p.add_argument("--checkpointing", default="off,on", help="comma list of off/on")
     p.add_argument("--configs", default="all", help="comma list of configuration names (e.g. lora-sgd-standard) or all")
-    p.add_argument("--engine", default="spec", choices=("spec", "project"),
-                   help="spec: the planner's outer step; project: resalign_fast.bilevel.ResAlign.step")
     p.add_argument("--guard", default=None, choices=("stable", "reference"),
-                   help="engine project: this guard for every recipe (default: each recipe's own, "
-                        "reference for the reference recipe, stable for ours)")
+                   help="this guard for every recipe (default: each recipe's own)")
     p.add_argument("--no_reference", "--no-reference", action="store_true", help="skip the reference recipe")
     p.add_argument("--no_lean", "--no-lean", action="store_true",
                    help="skip the lean_full rows (in-place full-parameter configurations, fd HVPs; "
                         "optimizer state on the device, then offloaded to host memory)")
-    p.add_argument("--no_memo", "--no-memo", action="store_true", help="trace every step whole instead of reusing phases")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     return p.parse_args(argv)
 
@@ -83,10 +79,10 @@ def _split(text: str, allowed, what: str) -> list[str]:
     return items
 
 
-def select(args: argparse.Namespace) -> tuple[list[Recipe], tuple[FTConfig, ...]]:
+def select(args: argparse.Namespace) -> tuple[list[Recipe], tuple[ConfigKind, ...]]:
     """Recipes and configurations chosen by the flags."""
     ckpt = [s == "on" for s in _split(args.checkpointing, ("off", "on"), "checkpointing")]
-    recipes = our_recipes(_split(args.hvp, HVP_BACKENDS, "hvp"), _split(args.attention, MODES, "attention"),
+    recipes = our_recipes(_split(args.hvp, HVP_BACKENDS, "hvp"), _split(args.attention, tuple(ATTENTION), "attention"),
                           ckpt, args.weights)
     if not args.no_reference:
         recipes.insert(0, REFERENCE)
@@ -108,18 +104,15 @@ def run(args: argparse.Namespace) -> dict:
         MODELS[args.model].latent_shape(args.batch, args.resolution)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    est = Estimator(args.model, shape, block=args.block, target=args.target)
+    est = Estimator(args.model, shape, block=args.block, target=args.target, guard=args.guard)
     t0 = time.perf_counter()
     rows = []
     for r in recipes:
-        if args.engine == "project":
-            peaks = [est.run_project(r, c, guard=args.guard) for c in configs]
-        else:
-            peaks = est.run_all(r, configs, memo=not args.no_memo)
+        peaks = est.run_all(r, configs)
         rows.append({"recipe": asdict(r), "configs": [asdict(p) for p in peaks]})
     out = {
         "model": args.model, "resolution": args.resolution, "batch": args.batch, "iters": args.iters,
-        "engine": args.engine, "guard": args.guard, "target": args.target, "block": args.block, "sources": sources(),
+        "guard": args.guard, "target": args.target, "block": args.block,
         "rows": rows, "seconds": round(time.perf_counter() - t0, 1),
     }
     out["summary"] = summarize(rows, complete=len(configs) == len(PI_C))
@@ -198,11 +191,9 @@ def format_table(out: dict) -> str:
     names = [_short(p["config"]) for p in rows[0]["configs"]] if rows else []
     w = max([len("recipe")] + [len(r["recipe"]["name"]) for r in rows])
     lines = [f"Estimated peak GPU memory (GiB) of one outer step: {out['model']}, {out['resolution']} px, "
-             f"batch {out['batch']}, K={out['iters']}, engine {out['engine']}"
-             + (f" (guard {out['guard']})" if out["engine"] == "project" and out.get("guard") else "")
-             + f" ({out['target']} kernels, "
-             f"{out['block']} B blocks)",
-             "implementations run: " + ", ".join(f"{k}={v}" for k, v in out["sources"].items()), ""]
+             f"batch {out['batch']}, K={out['iters']}, the trainer's step"
+             + (f" (guard {out['guard']})" if out.get("guard") else "")
+             + f" ({out['target']} kernels, {out['block']} B blocks)", ""]
     head = f"{'recipe':<{w}} " + " ".join(f"{n:>{max(len(n), 6)}}" for n in names) + "  max-lora  max-all"
     lines += [head, "-" * len(head)]
     notes: list[str] = []

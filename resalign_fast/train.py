@@ -114,7 +114,7 @@ def run(cfg: ResAlignConfig, dist: Optional[DistContext] = None) -> Path:
     if dist.is_main and cfg.samples_per_prompt and not (out / "samples_before.png").exists():
         sample_grid(cfg, model, harm_prompts, benign_prompts, out / "samples_before.png")
     torch.manual_seed(cfg.seed)  # theta's initial value must not depend on what ran before (rank 0 samples)
-    algo = ResAlign(cfg, model, data, ft_space, uncond, dist=dist)
+    algo = ResAlign(cfg, model, data, ft_space, uncond_emb=uncond, dist=dist)
     start = 0
     if cfg.resume:
         start = checkpoint_load(ckpt_dir, algo, state)

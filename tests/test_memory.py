@@ -1,7 +1,8 @@
 """Memory planner: the tracker's arithmetic, and estimates (meta tensors) against measured peaks.
 
-The key check: on a tiny UNet, the estimate of one outer step (meta tensors, nothing computed) is
-within 15% of the peak the CPU allocator itself reports for the same step on real tensors.
+The key check: on a tiny UNet, the estimate of the trainer's outer step (meta tensors, nothing
+computed) is within 15% of the peak the CPU allocator itself reports for the same step on real
+tensors.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ import torch.nn.functional as F
 
 from resalign_fast.memplan.estimate import Estimator, measure
 from resalign_fast.memplan.meta import MetaOpCache, reference_ops, sdpa_as
-from resalign_fast.memplan import recipes as recipes_mod
-from resalign_fast.memplan.recipes import PI_C, REFERENCE, Recipe, StepShape, outer_step
+from resalign_fast.memplan import trainer as trainer_mod
+from resalign_fast.memplan.recipes import PI_C, REFERENCE, Recipe, StepShape
 from resalign_fast.memplan.tracker import StorageTracker
+from resalign_fast.memplan.trainer import build_trainer, trainer_hypergradient
 from resalign_fast.memplan.unets import MODELS, SD_V1_4_UNET, build_unet
+from resalign_fast.models.lora import add_lora
 
 TINY = MODELS["tiny"]
 SHAPE = StepShape(batch=1, resolution=8, iters=3, sim_steps=1)
@@ -87,6 +90,7 @@ def test_meta_op_cache_changes_nothing_but_time():
 def test_sd_v1_4_config_parameter_counts():
     with torch.device("meta"):
         unet = build_unet(MODELS["sd-v1-4"])
+        add_lora(unet, rank=4, alpha=4.0)  # theta's adapter, as the trainer adds it
     lora = sum(p.numel() for n, p in unet.named_parameters() if "lora_" in n)
     base = sum(p.numel() for n, p in unet.named_parameters() if "lora_" not in n)
     assert base == 859_520_964  # the public SD v1.4 UNet
@@ -99,7 +103,7 @@ def test_sd_v1_4_config_parameter_counts():
 @pytest.mark.parametrize("recipe,config", [
     (REFERENCE, "lora-adam-dreambooth"),
     (Recipe("fd", hvp="fd", attention="fused", checkpointing=True), "full-sgd-standard"),
-    (Recipe("exact", hvp="exact", attention="chunked", checkpointing=False, chunk=16), "lora-sgd-dreambooth"),
+    (Recipe("exact", hvp="exact", attention="chunked", checkpointing=False), "lora-sgd-dreambooth"),
     (Recipe("jvp", hvp="jvp", attention="fused", checkpointing=False), "full-adam-standard"),
 ])
 def test_estimate_within_15_percent_of_measured_peak(recipe, config):
@@ -121,7 +125,7 @@ def test_lean_full_estimate_vs_measured_minus_host_backup(monkeypatch):
     weights = sum(p.numel() * p.element_size() for p in unet.parameters())
     measured = measure(unet, TINY, lean, c, SHAPE)["allocator"]
     with monkeypatch.context() as m:  # host allocations counted like any other
-        m.setattr(recipes_mod, "host_allocations", lambda host: contextlib.nullcontext())
+        m.setattr(trainer_mod, "host_allocations", lambda host: contextlib.nullcontext())
         everything = Estimator(TINY, SHAPE, block=1, target="cpu").run(lean, c)
     assert abs(everything.peak - measured) <= 0.15 * measured, (everything.peak, measured)
     hyper = everything.phases["hypergradient"] - est.phases["hypergradient"]
@@ -132,19 +136,15 @@ def test_lean_full_estimate_vs_measured_minus_host_backup(monkeypatch):
 def test_recipes_compute_the_same_hypergradient(monkeypatch):
     """fp64, tiny UNet: every recipe's hypergradient matches the reference recipe's (exact double
     backward, math attention): exact and jvp to rounding, fd to its O(eps^2) truncation."""
-    make = recipes_mod.make_batch
-    monkeypatch.setattr(recipes_mod, "make_batch", lambda *a, **k: tuple(
-        t.double() if t.is_floating_point() else t for t in make(*a, **k)))
-    torch.manual_seed(0)
-    unet = build_unet(TINY).double()
-
     def hypergrad(recipe, config):
-        torch.manual_seed(1)  # same batches for every recipe
-        return torch.cat([g.flatten() for g in outer_step(unet, TINY, recipe, CONFIGS[config], SHAPE)])
+        unet = build_unet(TINY).double()  # the same weights for every recipe (seeded)
+        torch.manual_seed(1)  # same adapter and data for every recipe
+        trainer = build_trainer(unet, TINY, recipe, CONFIGS[config], SHAPE, device="cpu", dtype=torch.float64)
+        return torch.cat([g.flatten() for g in trainer_hypergradient(trainer)])
 
     for config in ("full-sgd-dreambooth", "lora-adam-standard"):
         ref = hypergrad(dataclasses.replace(REFERENCE, guard="stable"), config)  # the same solve as ours
-        for recipe, tol in [(Recipe("e", "exact", "chunked", True, chunk=16), 1e-10),
+        for recipe, tol in [(Recipe("e", "exact", "chunked", True), 1e-10),
                             (Recipe("j", "jvp", "fused", False), 1e-10),
                             (Recipe("f", "fd", "fused", True), 1e-3),
                             (Recipe("l", "fd", "fused", True, lean_full=True), 1e-3)]:
@@ -152,36 +152,25 @@ def test_recipes_compute_the_same_hypergradient(monkeypatch):
             assert err < tol, (recipe.name, config, err)
 
 
-def test_split_terms_and_lean_full_lower_both_engines():
-    """The Recipe flags lower the planner's step and the trainer's own step (engine project, which
-    passes them as config fields) alike, and the two engines agree."""
+def test_split_terms_and_lean_full_lower_the_peak():
+    """The Recipe flags, passed to the trainer as the config fields of the same names, lower the
+    peak of its step."""
     est = Estimator(TINY, SHAPE, block=1)
-    cases = [(Recipe("split", "exact", "chunked", False, chunk=16),
-              Recipe("joint", "exact", "chunked", False, chunk=16, split_terms=False), "lora-sgd-dreambooth"),
+    cases = [(Recipe("split", "exact", "chunked", False),
+              Recipe("joint", "exact", "chunked", False, split_terms=False), "lora-sgd-dreambooth"),
              (Recipe("lean", "fd", "fused", True, lean_full=True), Recipe("fd", "fd", "fused", True),
               "full-adam-standard")]
     for lean, plain, config in cases:
         c = CONFIGS[config]
-        for run in (est.run_phases, est.run_project):
-            low, high = run(lean, c), run(plain, c)
-            assert low.error == high.error == "" and low.peak < 0.8 * high.peak, (lean.name, low, high)
-        spec, proj = est.run_phases(lean, c).peak, est.run_project(lean, c).peak
-        assert abs(spec - proj) <= 0.15 * proj, (lean.name, spec, proj)
-
-
-def test_phase_memo_equals_whole_trace():
-    est = Estimator(TINY, SHAPE, block=512)
-    for recipe, config in [(REFERENCE, "full-adam-dreambooth"),
-                           (Recipe("fd", hvp="fd", attention="fused", checkpointing=True), "lora-sgd-dreambooth")]:
-        whole, memo = est.run(recipe, CONFIGS[config]), est.run_phases(recipe, CONFIGS[config])
-        assert whole.peak == memo.peak and whole.phases == memo.phases
+        low, high = est.run(lean, c), est.run(plain, c)
+        assert low.error == high.error == "" and low.peak < 0.8 * high.peak, (lean.name, low, high)
 
 
 def test_unsupported_combination_is_reported_not_raised():
     r = Recipe("jvp-ckpt", hvp="jvp", attention="fused", checkpointing=True)
-    out = Estimator(TINY, SHAPE).run_phases(r, CONFIGS["lora-sgd-standard"])
+    out = Estimator(TINY, SHAPE).run(r, CONFIGS["lora-sgd-standard"])
     assert out.peak is None and "saved tensor hooks" in out.error
-    ok = Estimator(TINY, SHAPE).run_phases(REFERENCE, CONFIGS["lora-sgd-standard"])  # state left sane
+    ok = Estimator(TINY, SHAPE).run(REFERENCE, CONFIGS["lora-sgd-standard"])  # state left sane
     assert ok.peak is not None
 
 
@@ -226,7 +215,7 @@ def test_offloaded_state_estimate_vs_measured(config, monkeypatch):
     unet = build_unet(TINY)
     measured = measure(unet, TINY, OFFLOAD, c, SHAPE)["allocator"]
     with monkeypatch.context() as m:  # host allocations counted like any other
-        m.setattr(recipes_mod, "host_allocations", lambda host: contextlib.nullcontext())
+        m.setattr(trainer_mod, "host_allocations", lambda host: contextlib.nullcontext())
         everything = Estimator(TINY, SHAPE, block=1, target="cpu").run(OFFLOAD, c)
     assert abs(everything.peak - measured) <= 0.15 * measured, (everything.peak, measured)
     weights = sum(p.numel() * p.element_size() for p in unet.parameters())
@@ -239,18 +228,17 @@ def test_offloaded_state_estimate_vs_measured(config, monkeypatch):
         assert sim_off == sim_on  # plain SGD has no state to move
 
 
-def test_offload_both_engines_agree(monkeypatch):
-    """The trainer's own step (engine project) runs the offloaded simulation when the recipe asks
-    for it, and the two engines agree on its peak."""
+def test_offload_runs_the_offloaded_simulation(monkeypatch):
+    """The trainer's step runs the offloaded simulation when the recipe asks for it, under both
+    guards."""
     from resalign_fast.inner import inplace
 
     calls = []
-    offloaded = inplace._simulate_offloaded
-    monkeypatch.setattr(inplace, "_simulate_offloaded", lambda *a: calls.append(1) or offloaded(*a))
-    est = Estimator(TINY, SHAPE, block=1)
+    offloaded = inplace.simulate_offloaded
+    monkeypatch.setattr(inplace, "simulate_offloaded", lambda *a: calls.append(1) or offloaded(*a))
     c = CONFIGS["full-adam-dreambooth"]
-    assert est.run_project(LEAN, c, guard="reference").error == "" and calls == []  # both guards run
-    spec, proj = est.run_phases(OFFLOAD, c), est.run_project(OFFLOAD, c)
-    assert spec.error == proj.error == "", (spec.error, proj.error)
-    assert len(calls) == 2  # one per engine
-    assert abs(spec.peak - proj.peak) <= 0.15 * proj.peak, (spec.peak, proj.peak)
+    reference = Estimator(TINY, SHAPE, block=1, guard="reference")
+    assert reference.run(LEAN, c).error == "" and calls == []  # both guards run
+    proj = Estimator(TINY, SHAPE, block=1).run(OFFLOAD, c)
+    assert proj.error == "", proj.error
+    assert len(calls) == 1

@@ -108,7 +108,7 @@ def simulate_inplace(params: Sequence[Tensor], loss_fn: Callable[[], Tensor], sp
     """
     params = list(params)
     if offload:
-        _simulate_offloaded(params, loss_fn, spec, steps)
+        simulate_offloaded(params, loss_fn, spec, steps)
         return
     states = [init_state(spec, [p]) for p in params]
 
@@ -119,7 +119,7 @@ def simulate_inplace(params: Sequence[Tensor], loss_fn: Callable[[], Tensor], sp
         backward_into(params, loss_fn(), step)
 
 
-def _simulate_offloaded(params: list[Tensor], loss_fn: Callable[[], Tensor], spec: OptimSpec, steps: int) -> None:
+def simulate_offloaded(params: list[Tensor], loss_fn: Callable[[], Tensor], spec: OptimSpec, steps: int) -> None:
     """`simulate_inplace` with each parameter's state in host memory between its steps."""
     names = sorted(init_state(spec, []).buffers)  # the buffers of `spec` ("exp_avg", "exp_avg_sq", ...)
     host: list[dict[str, Tensor]] = [{} for _ in params]  # filled at each parameter's first step

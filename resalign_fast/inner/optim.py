@@ -7,8 +7,8 @@ to rounding. Two entry points share one state type:
 - :func:`step` is pure: it returns new parameters and a new state, never modifies its inputs and
   builds an autograd graph when its inputs require grad (unrolled hypergradients differentiate it).
 - :func:`step_` updates parameters and state in place under ``no_grad``: the fast path of the
-  no-graph simulation. It calls the fused kernels of ``resalign_fast.ops.optim_step`` when that
-  module is present, and :func:`step_ref_` (the same update in plain torch) otherwise.
+  no-graph simulation. It calls the fused kernels of ``resalign_fast.ops.optim_step``;
+  :func:`step_ref_` is the same update through that module's plain-torch references.
 
 Unlike the ResAlign reference code, state never outlives a simulation: :func:`init_state` gives a
 fresh state (step 0, zero buffers) and bias correction is applied once, as in ``torch.optim.Adam``.
@@ -21,6 +21,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
+
+from resalign_fast.ops import optim_step
 
 __all__ = ["OptimSpec", "OptState", "init_state", "step", "step_", "step_ref_"]
 
@@ -197,50 +199,21 @@ def step(spec: OptimSpec, params: list[Tensor], grads: list[Tensor],
 
 @torch.no_grad()
 def step_ref_(spec: OptimSpec, params: list[Tensor], grads: list[Tensor], state: OptState) -> None:
-    """Plain-torch in-place step: the reference of :func:`step_` (same arguments, same effect)."""
+    """Plain-torch in-place step: the reference of :func:`step_` (same arguments, same effect),
+    tensor by tensor through the references of ``resalign_fast.ops.optim_step``."""
     _check(spec, params, grads, state)
     state.step += 1
-    t = state.step
-    lr, wd = spec.lr, spec.weight_decay
+    t, wd = state.step, spec.weight_decay
     if spec.name == "sgd":
-        for i, (p, g) in enumerate(zip(params, grads)):
-            if wd != 0:
-                g = g.add(p, alpha=wd)
-            if spec.momentum != 0:
-                buf = state.buffers["momentum_buffer"][i]
-                if t == 1:
-                    buf.copy_(g)
-                else:
-                    buf.mul_(spec.momentum).add_(g)
-                g = buf
-            p.add_(g, alpha=-lr)
+        bufs = state.buffers.get("momentum_buffer", [None] * len(params))
+        for p, g, b in zip(params, grads, bufs):
+            optim_step.sgd_step_ref(p, g, b, lr=spec.lr, momentum=spec.momentum, weight_decay=wd,
+                                    first_step=t == 1)
         return
     beta1, beta2 = spec.betas
-    bias_correction1 = 1 - beta1 ** float(t)
-    bias_correction2_sqrt = (1 - beta2 ** float(t)) ** 0.5
-    step_size = lr / bias_correction1
-    for i, (p, g) in enumerate(zip(params, grads)):
-        if wd != 0:
-            if spec.name == "adamw":
-                p.mul_(1 - lr * wd)
-            else:
-                g = g.add(p, alpha=wd)
-        m, v = state.buffers["exp_avg"][i], state.buffers["exp_avg_sq"][i]
-        m.lerp_(g, 1 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        denom = (v.sqrt() / bias_correction2_sqrt).add_(spec.eps)
-        p.addcdiv_(m, denom, value=-step_size)
-
-
-def _fused_ops():
-    """resalign_fast.ops.optim_step, or None where that module is absent (plain-torch fallback)."""
-    try:
-        from resalign_fast.ops import optim_step
-    except ModuleNotFoundError as err:
-        if err.name not in ("resalign_fast.ops", "resalign_fast.ops.optim_step"):
-            raise
-        return None
-    return optim_step
+    for p, g, m, v in zip(params, grads, state.buffers["exp_avg"], state.buffers["exp_avg_sq"]):
+        optim_step.adam_step_ref(p, g, m, v, step=t, lr=spec.lr, beta1=beta1, beta2=beta2, eps=spec.eps,
+                                 weight_decay=wd, decoupled=spec.name == "adamw")
 
 
 def _flat(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
@@ -256,8 +229,7 @@ def step_(spec: OptimSpec, params: list[Tensor], grads: list[Tensor], state: Opt
     """One optimizer step in place under ``no_grad`` (the no-graph simulation's fast path).
 
     Each tensor goes through ``resalign_fast.ops.optim_step`` (``adam_step`` / ``sgd_step``, fused
-    C++/CUDA/Triton kernels with a torch reference) when that module is present, and through
-    :func:`step_ref_` otherwise.
+    C++/CUDA/Triton kernels with a torch reference).
 
     Args:
         spec: The optimizer.
@@ -268,14 +240,8 @@ def step_(spec: OptimSpec, params: list[Tensor], grads: list[Tensor], state: Opt
             name ("cuda", "triton", "cpp", "torch"), which raises if it cannot run.
 
     Raises:
-        ValueError: mismatched inputs, or a named backend that cannot run (or no fused ops module).
+        ValueError: mismatched inputs, or a named backend that cannot run.
     """
-    ops = _fused_ops()
-    if ops is None:
-        if backend not in ("auto", "torch"):
-            raise ValueError(f"step_: backend {backend!r} needs resalign_fast.ops.optim_step, which is absent")
-        step_ref_(spec, params, grads, state)
-        return
     _check(spec, params, grads, state)
     t = state.step + 1
     wd = spec.weight_decay
@@ -284,12 +250,12 @@ def step_(spec: OptimSpec, params: list[Tensor], grads: list[Tensor], state: Opt
             bufs = state.buffers.get("momentum_buffer", [None] * len(params))
             for p, g, b in zip(params, grads, bufs):
                 p1, g1, b1 = _flat(p, g, b)
-                ops.sgd_step(p1, g1, b1, lr=spec.lr, momentum=spec.momentum, weight_decay=wd,
+                optim_step.sgd_step(p1, g1, b1, lr=spec.lr, momentum=spec.momentum, weight_decay=wd,
                              first_step=t == 1, backend=backend)
         else:
             beta1, beta2 = spec.betas
             for p, g, m, v in zip(params, grads, state.buffers["exp_avg"], state.buffers["exp_avg_sq"]):
                 p1, g1, m1, v1 = _flat(p, g, m, v)
-                ops.adam_step(p1, g1, m1, v1, step=t, lr=spec.lr, beta1=beta1, beta2=beta2, eps=spec.eps,
+                optim_step.adam_step(p1, g1, m1, v1, step=t, lr=spec.lr, beta1=beta1, beta2=beta2, eps=spec.eps,
                               weight_decay=wd, decoupled=spec.name == "adamw", backend=backend)
     state.step = t

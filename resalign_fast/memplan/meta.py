@@ -70,11 +70,8 @@ def reference_ops() -> Iterator[None]:
     at most a few copies of the largest parameter tensor (59 MB in SD v1.4's UNet) over the fused
     kernels: an over-estimate by that much at most.
     """
-    try:
-        from resalign_fast.ops import registry
-    except ImportError:
-        yield
-        return
+    from resalign_fast.ops import registry
+
     original = registry.select_backend
 
     def select(op: str, backend: str, *tensors):

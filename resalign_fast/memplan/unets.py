@@ -93,46 +93,26 @@ MODELS: dict[str, ModelSpec] = {
     "tiny": ModelSpec(TINY_UNET, text_len=7, vae_factor=1),
 }
 
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
-def build_unet(spec: ModelSpec, *, dtype: torch.dtype = torch.float32, lora_rank: int = 4,
-               seed: int = 0) -> torch.nn.Module:
-    """Build a randomly initialised UNet with rank-`lora_rank` LoRA on every attention layer.
+def build_unet(spec: ModelSpec, *, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
+    """Build a randomly initialised UNet without adapters (the trainer adds theta's LoRA).
 
-    Call it inside `torch.device("meta")` for a UNet without memory. Base weights are frozen and cast to `dtype`; LoRA weights stay fp32 and trainable (how
-    diffusers' LoRA scripts keep them).
+    Call it inside `torch.device("meta")` for a UNet without memory.
 
     Args:
         spec: the model.
-        dtype: dtype of the frozen base weights.
-        lora_rank: LoRA rank r (lora_alpha = r, as in the reference); 0 adds no adapter.
+        dtype: dtype of the weights.
         seed: initialisation seed (real tensors only).
 
     Returns:
-        The UNet in train mode with the adapter "default" active.
+        The UNet in train mode.
     """
     from diffusers import UNet2DConditionModel
-    from peft import LoraConfig
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**spec.unet)
     unet.requires_grad_(False)
-    for p in unet.parameters():  # per tensor: keeps LoRA added below in fp32
+    for p in unet.parameters():
         p.data = p.data.to(dtype)
-    if lora_rank == 0:
-        return unet.train()
-    unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
-                                target_modules=LORA_TARGETS))
-    for n, p in unet.named_parameters():
-        if "lora_" in n:
-            p.data = p.data.float()
-            p.requires_grad_(True)
-    unet.train()
-    return unet
-
-
-def lora_names(unet: torch.nn.Module) -> list[str]:
-    """Names of the LoRA parameters (the unlearning parameters theta)."""
-    return [n for n, _ in unet.named_parameters() if "lora_" in n]
-
+    return unet.train()
