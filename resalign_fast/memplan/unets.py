@@ -1,4 +1,4 @@
-"""UNet configurations known to the planner, and building a UNet (real or meta) with LoRA.
+"""UNet configurations known to the planner, and building a UNet (real or meta) without adapters.
 
 SD v1.4's UNet config is the public `unet/config.json` of CompVis/stable-diffusion-v1-4, written
 out here so that nothing is downloaded; `diffusers.UNet2DConditionModel(**SD_V1_4_UNET)` has
