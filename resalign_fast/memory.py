@@ -11,6 +11,12 @@ What the estimate counts: tensor storages, each rounded up to 512 bytes (the CUD
 allocator's `max_memory_allocated`). What it leaves out: the CUDA context (~0.5 GiB), allocator
 fragmentation and segment rounding (`memory_reserved` is higher), and workspaces that kernels
 allocate internally (cuBLAS, cuDNN convolution algorithms, the fused attention backward).
+
+Flags in more words: `--sim_steps` 1 already gives the peak (no graph is kept between simulated
+steps); `--weights` sets our recipes' frozen base weights (the reference recipe stays fp32);
+`--no_lean` drops the two lean_full rows (in-place full-parameter configurations with fd HVPs,
+the optimizer state on the device, then offloaded to host memory); `--attention fused` is the
+trainer's `attention = "lean"` (fused first-order passes, chunked second-order ones).
 """
 
 from __future__ import annotations
@@ -50,23 +56,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resolution", type=int, default=512, help="image side in pixels")
     p.add_argument("--batch", type=int, default=1, help="images per forward pass")
     p.add_argument("--iters", type=int, default=5, help="Richardson iterations K")
-    p.add_argument("--sim_steps", "--sim-steps", type=int, default=1,
-                   help="simulated fine-tuning steps traced (no graph is kept between steps: 1 gives the peak)")
+    p.add_argument("--sim_steps", "--sim-steps", type=int, default=1, help="simulated fine-tuning steps")
     p.add_argument("--weights", default="fp32", choices=("fp32", "bf16", "fp16"),
-                   help="dtype of the frozen base weights in our recipes (the reference is fp32)")
-    p.add_argument("--target", default="cuda", choices=("cuda", "cpu"), help="device whose fused attention is modelled")
-    p.add_argument("--block", type=int, default=512, help="allocation rounding in bytes (CUDA: 512)")
-    p.add_argument("--hvp", default=",".join(HVP_BACKENDS), help="comma list of HVP backends")
+                   help="dtype of our recipes' frozen base weights")
+    p.add_argument("--target", default="cuda", choices=("cuda", "cpu"),
+                   help="device whose fused attention is modelled")
+    p.add_argument("--block", type=int, default=512, help="allocation rounding in bytes")
+    p.add_argument("--hvp", default=",".join(HVP_BACKENDS),
+                   help=f"comma list of HVP backends ({', '.join(HVP_BACKENDS)})")
     p.add_argument("--attention", default=",".join(ATTENTION),
                    help=f"comma list of attention modes ({', '.join(ATTENTION)})")
-    p.add_argument("--checkpointing", default="off,on", help="comma list of off/on")
-    p.add_argument("--configs", default="all", help="comma list of configuration names (e.g. lora-sgd-standard) or all")
+    p.add_argument("--checkpointing", default="off,on", help="comma list of off, on")
+    p.add_argument("--configs", default="all",
+                   help=f"comma list of configurations ({', '.join(c.name for c in PI_C)}) or all")
     p.add_argument("--guard", default=None, choices=("stable", "reference"),
-                   help="this guard for every recipe (default: each recipe's own)")
+                   help="one guard for every recipe (default: each recipe's own)")
     p.add_argument("--no_reference", "--no-reference", action="store_true", help="skip the reference recipe")
-    p.add_argument("--no_lean", "--no-lean", action="store_true",
-                   help="skip the lean_full rows (in-place full-parameter configurations, fd HVPs; "
-                        "optimizer state on the device, then offloaded to host memory)")
+    p.add_argument("--no_lean", "--no-lean", action="store_true", help="skip the lean_full rows")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     return p.parse_args(argv)
 
