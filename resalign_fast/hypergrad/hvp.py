@@ -57,7 +57,7 @@ HVP = Callable[[list[Tensor]], list[Tensor]]
 BACKENDS = ("exact", "jvp", "fd")
 FD_SCALE = 0.5  # measured, see the module docstring
 
-__all__ = ["make_hvp", "fd_eps", "BACKENDS"]
+__all__ = ["BACKENDS", "fd_eps", "make_hvp", "term_grads"]
 
 
 def fd_eps(x: Sequence[Tensor], v: Sequence[Tensor], scale: float = FD_SCALE) -> float:
@@ -79,14 +79,24 @@ def _leaves(params: Sequence[Tensor]) -> list[Tensor]:
     return [p.detach().clone().requires_grad_(True) for p in params]
 
 
-def _grad(loss_fns: list[LossFn], x: list[Tensor]) -> list[Tensor]:
-    """First-order gradient of the sum of loss_fns at x, term by term (no create_graph); zeros
-    where x is unused."""
+def term_grads(loss_fns: Sequence[LossFn], x: Sequence[Tensor], split: bool = True) -> list[Tensor]:
+    """First-order gradient of the sum of loss_fns at x (no create_graph); zeros where x is unused.
+
+    Args:
+        loss_fns: ``fn(params: list[Tensor]) -> Tensor`` (0-d) terms whose sum is the loss.
+        x: the point (not modified: detached leaves sharing its storage are differentiated).
+        split: one term at a time, accumulating tensor by tensor, so that only one term's forward
+            graph is alive (DreamBooth); else the sum at once.
+    """
     total: list[Optional[Tensor]] = [None] * len(x)
     with torch.enable_grad():
-        leaves = [p.detach().requires_grad_(True) for p in x]  # x is fresh: no copy needed
-        for fn in loss_fns:
-            _add_into(total, torch.autograd.grad(fn(leaves), leaves, allow_unused=True))
+        leaves = [p.detach().requires_grad_(True) for p in x]
+        groups = [[fn] for fn in loss_fns] if split else [list(loss_fns)]
+        for group in groups:
+            loss = group[0](leaves)
+            for fn in group[1:]:
+                loss = loss + fn(leaves)
+            _add_into(total, torch.autograd.grad(loss, leaves, allow_unused=True))
     return [torch.zeros_like(p) if t is None else t for p, t in zip(leaves, total)]
 
 
@@ -179,8 +189,8 @@ def _make_fd(loss_fns: list[LossFn], params: list[Tensor], eps: Optional[float])
         e = fd_eps(x, v) if eps is None else float(eps)
         for xi, vi, xp, xm in zip(x, v, plus, minus):
             fd_perturb(xi.view(-1), vi.contiguous().view(-1), e, out=(xp.view(-1), xm.view(-1)))
-        g_plus = _grad(loss_fns, plus)
-        g_minus = _grad(loss_fns, minus)
+        g_plus = term_grads(loss_fns, plus)
+        g_minus = term_grads(loss_fns, minus)
         return [
             fd_combine(gp.contiguous().view(-1), gm.contiguous().view(-1), e).view(xi.shape)
             for xi, gp, gm in zip(x, g_plus, g_minus)

@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from resalign_fast.data.encoded import EncodedSet
+from resalign_fast.hypergrad.hvp import term_grads
 from resalign_fast.inner.configs import FTConfig
 from resalign_fast.inner.optim import OptimSpec, OptState, init_state, step_
 from resalign_fast.models.lora import TARGETS, ParamSpace, base_names, merge_map
@@ -116,24 +117,6 @@ def sum_terms(terms: list[Callable[[list[torch.Tensor]], torch.Tensor]], phi: li
     return loss
 
 
-def term_grads(terms: list[Callable[[list[torch.Tensor]], torch.Tensor]], phi: list[torch.Tensor],
-               split: bool) -> list[torch.Tensor]:
-    """Gradient of the sum of terms at phi (leaves that require grad, .grad None).
-
-    Args:
-        split: differentiate one term at a time, accumulating into one gradient buffer, so that
-            only one term's forward graph is alive (DreamBooth); else the sum at once.
-    """
-    if not split or len(terms) == 1:
-        return list(torch.autograd.grad(sum_terms(terms, phi), phi))
-    for term in terms:
-        torch.autograd.backward(term(phi), inputs=phi)
-    grads = [p.grad for p in phi]
-    for p in phi:
-        p.grad = None
-    return grads
-
-
 def simulate_finetune(space: ParamSpace, phi0: list[torch.Tensor], cfg: FTConfig, ft: EncodedSet, prior: EncodedSet,
                       alphas: torch.Tensor, gen: torch.Generator, *, proximal_gamma: float | None = None,
                       split_terms: bool = False, start: list[torch.Tensor] | None = None,
@@ -143,7 +126,8 @@ def simulate_finetune(space: ParamSpace, phi0: list[torch.Tensor], cfg: FTConfig
     Args:
         proximal_gamma: if given, minimise L_FT(phi) + ||phi - phi0||^2 / (2 gamma) instead (the
             proximal variant; the reference code simulates plain steps, the default).
-        split_terms: differentiate DreamBooth's two loss terms one at a time (`term_grads`).
+        split_terms: differentiate DreamBooth's two loss terms one at a time
+            (`hypergrad.hvp.term_grads`).
         start, state: continue an earlier simulation: start from `start` (phi0 stays the proximal
             anchor) with optimizer state `state`, which is updated in place (ft_carry). Default: a
             fresh run from phi0.
