@@ -19,10 +19,8 @@ from torch.utils.checkpoint import checkpoint
 
 
 def _adapter_layers(module: torch.nn.Module) -> list:
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError:
-        return []
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
 
 
