@@ -35,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from resalign_fast.ops import registry  # noqa: E402
+from resalign_fast.ops import backends, registry  # noqa: E402
 from resalign_fast.ops.fd_hvp import fd_combine, fd_combine_ref, fd_perturb, fd_perturb_ref  # noqa: E402
 from resalign_fast.ops.optim_step import adam_step, adam_step_ref, sgd_step, sgd_step_ref  # noqa: E402
 from resalign_fast.ops.richardson_step import richardson_step, richardson_step_ref  # noqa: E402
@@ -64,7 +64,7 @@ def jit_build_extension() -> float:
         build_directory=str(build), verbose=False,
     )
     sys.modules["resalign_fast._C"] = module
-    registry._EXT, registry._EXT_ERROR = module, None
+    backends._EXT, backends._EXT_ERROR = module, None
     return time.perf_counter() - start
 
 

@@ -4,6 +4,8 @@ One module per op, each with a launcher `<op>_triton(...)` that takes the same a
 op's kernel in resalign_fast._C. Importing a module imports triton; the dispatchers in
 resalign_fast.ops import them only when the Triton backend runs. On a machine without a GPU the
 kernels run in Triton's interpreter when TRITON_INTERPRET=1 is set before triton is imported.
+The modules import only torch, triton and each other (relative imports); what they need from
+resalign_fast comes in as arguments.
 """
 
 # Elements per program of the element-wise kernels. 1024 x 4 warps keeps loads 128-bit wide on

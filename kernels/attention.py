@@ -1,13 +1,15 @@
 """Flash-style attention in Triton (online softmax, O(N) memory), differentiable at every order.
 
-Kernels -> launchers (`attention_fwd_triton`, `attention_bwd_triton`); resalign_fast.ops.attention wraps
-the launchers in an `AttentionImpl` for its autograd Functions (this file imports only torch and triton):
+Kernels -> launchers (`attention_fwd_triton`, `attention_bwd_triton`); resalign_fast.ops.attention
+wraps the launchers in an `AttentionImpl` for its autograd Functions (this file imports only torch
+and triton):
 
 * `_fwd_kernel`: one program per (query block, batch*head); streams key/value blocks with an online
   softmax and writes out and the row logsumexp (fp32).
-* `_bwd_dkdv_kernel`: one program per (key block, batch*head); streams query blocks, recomputing
-  the probabilities from the logsumexp; `_bwd_dq_kernel`: one program per query block. Two kernels
-  instead of atomics keep the backward deterministic.
+* `_bwd_kernel`, launched twice: DKDV=True, one program per (key block, batch*head) that streams
+  the query blocks for dK and dV; DKDV=False, one program per query block, for dQ. Both recompute
+  the probabilities from the logsumexp (`_probs_and_dscores`). Two launches instead of atomics
+  keep the backward deterministic.
 
 Only the first order runs here. The double backward and forward-mode AD (HVPs) go through the
 chunked recomputation of `resalign_fast.ops.attention`, so they need no (N, N) matrix either.
@@ -97,73 +99,72 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
-    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
-    H, NQ, NK, D, scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
-):
-    bh = tl.program_id(1)
-    b, h = bh // H, bh % H
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    dims = tl.arange(0, BLOCK_D)
-    rows0 = tl.arange(0, BLOCK_M)
-    k = _load(K + b * skb + h * skh, cols, NK, skn, dims, D, skd)
-    v = _load(V + b * svb + h * svh, cols, NK, svn, dims, D, svd)
-    Q += b * sqb + h * sqh
-    DO += b * sdb + h * sdh
-    dk = tl.full((BLOCK_N, BLOCK_D), 0.0, tl.float32)
-    dv = tl.full((BLOCK_N, BLOCK_D), 0.0, tl.float32)
-    for start in range(0, NQ, BLOCK_M):
-        rows = start + rows0
-        q = _load(Q, rows, NQ, sqn, dims, D, sqd)
-        do = _load(DO, rows, NQ, sdn, dims, D, sdd)
-        lse = tl.load(LSE + bh * NQ + rows, mask=rows < NQ, other=0.0)
-        delta = tl.load(DELTA + bh * NQ + rows, mask=rows < NQ, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC)
-        p = tl.exp2((s * scale - lse[:, None]) * 1.4426950408889634)
-        p = tl.where((rows[:, None] < NQ) & (cols[None, :] < NK), p, 0.0)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
-    out_mask = (cols[:, None] < NK) & (dims[None, :] < D)
-    offs = b * skb + h * skh + cols[:, None] * skn + dims[None, :] * skd  # DK, DV share k's layout
-    tl.store(DK + offs, (dk * scale).to(DK.dtype.element_ty), mask=out_mask)
-    tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=out_mask)
+def _row_stats(LSE, DELTA, bh, rows, NQ):
+    """Saved logsumexp and delta = rowsum(dO * O) of query rows `rows` (zeros outside)."""
+    lse = tl.load(LSE + bh * NQ + rows, mask=rows < NQ, other=0.0)
+    delta = tl.load(DELTA + bh * NQ + rows, mask=rows < NQ, other=0.0)
+    return lse, delta
 
 
 @triton.jit
-def _bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ,
+def _probs_and_dscores(q, k, v, do, lse, delta, rows, NQ, cols, NK, scale, PREC: tl.constexpr):
+    """The backward's tile: probabilities P recomputed from the logsumexp (zero outside the
+    (NQ, NK) range) and dS = P * (dO V^T - delta), without the score scale."""
+    s = tl.dot(q, tl.trans(k), input_precision=PREC)
+    p = tl.exp2((s * scale - lse[:, None]) * 1.4426950408889634)
+    p = tl.where((rows[:, None] < NQ) & (cols[None, :] < NK), p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    return p, p * (dp - delta[:, None])
+
+
+@triton.jit
+def _bwd_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, DK, DV,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
     H, NQ, NK, D, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+    DKDV: tl.constexpr,
 ):
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
-    cols0 = tl.arange(0, BLOCK_N)
-    q = _load(Q + b * sqb + h * sqh, rows, NQ, sqn, dims, D, sqd)
-    do = _load(DO + b * sdb + h * sdh, rows, NQ, sdn, dims, D, sdd)
-    lse = tl.load(LSE + bh * NQ + rows, mask=rows < NQ, other=0.0)
-    delta = tl.load(DELTA + bh * NQ + rows, mask=rows < NQ, other=0.0)
+    Q += b * sqb + h * sqh
     K += b * skb + h * skh
     V += b * svb + h * svh
-    dq = tl.full((BLOCK_M, BLOCK_D), 0.0, tl.float32)
-    for start in range(0, NK, BLOCK_N):
-        cols = start + cols0
+    DO += b * sdb + h * sdh
+    if DKDV:  # dK, dV of one key block, streaming the query blocks
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         k = _load(K, cols, NK, skn, dims, D, skd)
         v = _load(V, cols, NK, svn, dims, D, svd)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC)
-        p = tl.exp2((s * scale - lse[:, None]) * 1.4426950408889634)
-        p = tl.where(cols[None, :] < NK, p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
-    offs = b * sqb + h * sqh + rows[:, None] * sqn + dims[None, :] * sqd  # DQ shares q's layout
-    tl.store(DQ + offs, (dq * scale).to(DQ.dtype.element_ty), mask=(rows[:, None] < NQ) & (dims[None, :] < D))
+        dk = tl.full((BLOCK_N, BLOCK_D), 0.0, tl.float32)
+        dv = tl.full((BLOCK_N, BLOCK_D), 0.0, tl.float32)
+        for start in range(0, NQ, BLOCK_M):
+            rows = start + tl.arange(0, BLOCK_M)
+            q = _load(Q, rows, NQ, sqn, dims, D, sqd)
+            do = _load(DO, rows, NQ, sdn, dims, D, sdd)
+            lse, delta = _row_stats(LSE, DELTA, bh, rows, NQ)
+            p, ds = _probs_and_dscores(q, k, v, do, lse, delta, rows, NQ, cols, NK, scale, PREC)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+        mask = (cols[:, None] < NK) & (dims[None, :] < D)
+        offs = b * skb + h * skh + cols[:, None] * skn + dims[None, :] * skd  # DK, DV: k's layout
+        tl.store(DK + offs, (dk * scale).to(DK.dtype.element_ty), mask=mask)
+        tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=mask)
+    else:  # dQ of one query block, streaming the key blocks
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        q = _load(Q, rows, NQ, sqn, dims, D, sqd)
+        do = _load(DO, rows, NQ, sdn, dims, D, sdd)
+        lse, delta = _row_stats(LSE, DELTA, bh, rows, NQ)
+        dq = tl.full((BLOCK_M, BLOCK_D), 0.0, tl.float32)
+        for start in range(0, NK, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            k = _load(K, cols, NK, skn, dims, D, skd)
+            v = _load(V, cols, NK, svn, dims, D, svd)
+            _, ds = _probs_and_dscores(q, k, v, do, lse, delta, rows, NQ, cols, NK, scale, PREC)
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+        mask = (rows[:, None] < NQ) & (dims[None, :] < D)
+        offs = b * sqb + h * sqh + rows[:, None] * sqn + dims[None, :] * sqd  # DQ: q's layout
+        tl.store(DQ + offs, (dq * scale).to(DQ.dtype.element_ty), mask=mask)
 
 
 # Triton decides at decoration (this module's import) whether kernels run in its CPU interpreter.
@@ -217,28 +218,41 @@ def attention_bwd_triton(
     dv = torch.empty(k.shape, dtype=v.dtype, device=v.device)
     q, k, v = (x.contiguous() for x in (q, k, v))  # DQ/DK/DV are written with q's and k's strides
     cfg = _config(d, q.dtype)
-    args = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), heads, nq, nk, d, scale)
-    _bwd_dkdv_kernel[(triton.cdiv(nk, cfg["BLOCK_N"]), bsz * heads)](
-        q, k, v, dout, lse, delta, dk, dv, *args, PREC=_prec(q.dtype), **cfg
-    )
-    _bwd_dq_kernel[(triton.cdiv(nq, cfg["BLOCK_M"]), bsz * heads)](
-        q, k, v, dout, lse, delta, dq, *args, PREC=_prec(q.dtype), **cfg
-    )
+    args = (q, k, v, dout, lse, delta, dq, dk, dv, *q.stride(), *k.stride(), *v.stride(),
+            *dout.stride(), heads, nq, nk, d, scale)
+    key_blocks, query_blocks = triton.cdiv(nk, cfg["BLOCK_N"]), triton.cdiv(nq, cfg["BLOCK_M"])
+    for dkdv, programs in ((True, key_blocks), (False, query_blocks)):  # dK and dV first, then dQ
+        _bwd_kernel[(programs, bsz * heads)](*args, PREC=_prec(q.dtype), DKDV=dkdv, **cfg)
     return dq, dk, dv
 
 
-def not_supported_reasons(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None) -> list[str]:
-    """Why the Triton kernels cannot run these inputs (empty: they can)."""
+def not_supported_reasons(
+    backend: str, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None
+) -> list[str]:
+    """Why these kernels cannot run the inputs (empty: they can), with the signature of every
+    `not_supported_reasons` in resalign_fast; their one backend is "triton".
+
+    Only what these kernels themselves support is checked: how triton decorated them (INTERPRETED),
+    rank, dtypes, head dim, mask. The environment (TRITON_INTERPRET, the package) is checked by
+    resalign_fast.ops.attention before it imports this module.
+    """
+    if backend != "triton":
+        return [f"resalign_fast.kernels.attention runs only the backend 'triton', not {backend!r}"]
     reasons = []
     if not q.is_cuda and not INTERPRETED:
-        reasons.append(f"triton: tensors are on {q.device.type}; CPU tensors need TRITON_INTERPRET=1 set "
-                       "before resalign_fast.kernels.attention is imported")
+        reasons.append(f"triton: tensors are on {q.device.type}; CPU tensors need "
+                       "TRITON_INTERPRET=1 set before resalign_fast.kernels.attention is imported")
     if q.dim() != 4:
         reasons.append(f"triton: needs (B, H, N, D) tensors, got rank {q.dim()}")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        reasons.append(f"triton: needs one dtype among fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in dtypes:
+        reasons.append(
+            f"triton: needs one dtype among fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
     if q.shape[-1] != v.shape[-1] or q.shape[-1] > MAX_HEAD_DIM:
-        reasons.append(f"triton: needs head dim D == Dv <= {MAX_HEAD_DIM}, got {q.shape[-1]}, {v.shape[-1]}")
+        reasons.append(
+            f"triton: needs head dim D == Dv <= {MAX_HEAD_DIM}, got {q.shape[-1]}, {v.shape[-1]}"
+        )
     if attn_mask is not None:
         reasons.append("triton: no attention mask support")
     return reasons

@@ -4,8 +4,8 @@ import torch
 import triton
 import triton.language as tl
 
-from resalign_fast.kernels import BLOCK
-from resalign_fast.kernels._common import compute_dtype, div_rn, grid
+from . import BLOCK
+from ._common import compute_dtype, div_rn, grid
 
 
 @triton.jit

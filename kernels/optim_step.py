@@ -8,8 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from resalign_fast.kernels import BLOCK
-from resalign_fast.kernels._common import compute_dtype, div_rn, grid, sqrt_rn
+from . import BLOCK
+from ._common import compute_dtype, div_rn, grid, sqrt_rn
 
 
 @triton.jit

@@ -7,8 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
-from resalign_fast.kernels import BLOCK
-from resalign_fast.kernels._common import compute_dtype, grid
+from . import BLOCK
+from ._common import compute_dtype, grid
 
 
 @triton.jit

@@ -17,12 +17,10 @@ def adam_step_cpu(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tens
                   beta2: float, eps: float, weight_decay: float, decoupled: bool, step_size: float,
                   bc2_sqrt: float, use_fma: bool) -> None: ...
 
-# present only in a CUDA build
-def richardson_step_cuda(v: Tensor, b: Tensor, hv: Tensor, alpha: float, gamma: float,
-                         out: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]: ...
-def fd_perturb_cuda(x: Tensor, v: Tensor, eps: float, out_plus: Optional[Tensor],
-                    out_minus: Optional[Tensor]) -> tuple[Tensor, Tensor]: ...
-def fd_combine_cuda(g_plus: Tensor, g_minus: Tensor, eps: float, out: Optional[Tensor]) -> Tensor: ...
+# present only in a CUDA build, with the CPU kernels' signatures (sgd and adam: without use_fma)
+richardson_step_cuda = richardson_step_cpu
+fd_perturb_cuda = fd_perturb_cpu
+fd_combine_cuda = fd_combine_cpu
 def sgd_step_cuda(param: Tensor, grad: Tensor, momentum_buf: Optional[Tensor], lr: float, momentum: float,
                   weight_decay: float, first_step: bool) -> None: ...
 def adam_step_cuda(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, lr: float, beta1: float,

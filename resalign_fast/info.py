@@ -16,7 +16,7 @@ import torch
 
 import resalign_fast
 from resalign_fast import ops
-from resalign_fast.ops import registry
+from resalign_fast.ops import backends, registry
 
 
 def _version(dist: str) -> str:
@@ -34,7 +34,7 @@ def load_all_ops() -> dict[str, str]:
     """
     failed = {}
     for mod in pkgutil.iter_modules(ops.__path__):
-        if not mod.name.startswith("_") and mod.name != "registry":
+        if not mod.name.startswith("_") and mod.name not in ("registry", "backends"):
             try:
                 importlib.import_module(f"resalign_fast.ops.{mod.name}")
             except Exception as exc:  # noqa: BLE001 - reported in the table, not hidden
@@ -55,13 +55,13 @@ def versions() -> dict[str, str]:
         "triton": _version("triton"),
         "xformers": _version("xformers"),
         "diffusers": _version("diffusers"),
-        "TRITON_INTERPRET": "on" if registry.interpreter_active() else "off",
+        "TRITON_INTERPRET": "on" if backends.interpreter_active() else "off",
     }
 
 
 def build_info() -> dict[str, str]:
     """Build metadata of resalign_fast._C, or why it does not load."""
-    ext, error = registry.extension()
+    ext, error = backends.extension()
     if ext is None:
         return {"extension": f"not loaded: {error}"}
     info = dict(ext.build_info())

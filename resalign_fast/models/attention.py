@@ -5,12 +5,22 @@ PyTorch's fused attention (and xformers) cannot be differentiated twice, and dif
 `AttnProcessor` keeps every (N, N) probability matrix for the double backward of a Hessian-vector
 product. `LeanAttnProcessor` does what `AttnProcessor2_0` does around the attention itself (spatial
 norm, group norm, cross-attention norm, q/k norms, masks, residual, output rescale) and picks the
-attention by the process-wide `attention_mode`:
+attention by the process-wide `attention_mode`, one of MODES (the one tuple of UNet attention
+modes; other modules import it from here).
 
-    "fused"    F.scaled_dot_product_attention (xformers on CUDA when installed); first order only.
-    "chunked"  `resalign_fast.ops.attention.attention(order=2)`: Triton for fp16/bf16 on CUDA,
-               else chunked attention; exact at every order, O(N * chunk) memory.
-    "math"     plain softmax(q k^T) v (`attention_ref`), as diffusers' `AttnProcessor`.
+A mode is not an ops backend: each mode calls `resalign_fast.ops.attention.attention` with the
+backend and differentiation order of MODE_BACKENDS, and the ops backend then runs:
+
+    mode       ops call                   ops backend that runs
+    "fused"    backend="sdpa", order=1    "sdpa" (F.scaled_dot_product_attention); first order
+                                          only. On CUDA with xformers installed (use_xformers),
+                                          xformers' memory-efficient attention instead, outside
+                                          ops.
+    "chunked"  backend="auto", order=2    "triton" for fp16/bf16 CUDA tensors without a mask
+                                          (D == Dv <= 256, triton installed), else "chunked";
+                                          exact at every order, O(N * chunk) memory.
+    "math"     backend="math", order=2    "math" (`attention_ref`, plain softmax(q k^T) v, as
+                                          diffusers' `AttnProcessor`); every order, O(N^2).
 
 The mode is a process-global setting, not thread-local, on purpose: on CUDA the autograd engine runs
 backward passes (and the recomputation of checkpointed blocks) on its own threads, which would not
@@ -24,12 +34,18 @@ import importlib.util
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from resalign_fast.ops.attention import DEFAULT_CHUNK, attention, attention_ref
+from resalign_fast.ops.attention import DEFAULT_CHUNK, attention
 
-MODES = ("fused", "chunked", "math")
+#: mode -> (ops backend, differentiation order) of resalign_fast.ops.attention.attention.
+MODE_BACKENDS: dict[str, tuple[str, int]] = {
+    "fused": ("sdpa", 1),
+    "chunked": ("auto", 2),
+    "math": ("math", 2),
+}
+#: The UNet attention modes, "fused", "chunked", "math".
+MODES: tuple[str, ...] = tuple(MODE_BACKENDS)
 _mode = "fused"
 
 
@@ -92,13 +108,10 @@ class LeanAttnProcessor:
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
         """(B, H, Nq, D), (B, H, Nk, D), (B, H, Nk, Dv) -> (B, H, Nq, Dv) in the current mode."""
-        if _mode == "math":
-            return attention_ref(q, k, v, scale, mask)
-        if _mode == "chunked":
-            return attention(q, k, v, scale, order=2, attn_mask=mask, chunk=self.chunk)
-        if self.use_xformers and q.is_cuda:
+        if _mode == "fused" and self.use_xformers and q.is_cuda:
             return _xformers_attention(q, k, v, mask, scale)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        backend, order = MODE_BACKENDS[_mode]
+        return attention(q, k, v, scale, backend, order, mask, self.chunk)
 
     def __call__(
         self,

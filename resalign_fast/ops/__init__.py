@@ -1,8 +1,11 @@
 """Fused ops, one file each: `<op>_ref` (plain differentiable torch, the specification) and a
 dispatcher `<op>(..., backend="auto")` over the backends cuda -> triton -> cpp -> torch.
 
-`registry` says which backend can run what and why not (`python -m resalign_fast.info` prints it);
-the kernels are in resalign_fast._C (C++/CUDA, csrc/) and resalign_fast.kernels (Triton, kernels/).
+A backend is a kernel provider, nothing else. `registry` says which backend can run what and why
+not, and dispatches (`python -m resalign_fast.info` prints the table); `backends` is what the
+built-in ones need. The kernels are in resalign_fast._C (C++/CUDA, csrc/) and
+resalign_fast.kernels (Triton, kernels/); `attention` has its own backends (triton, sdpa,
+chunked, math).
 """
 
 from resalign_fast.ops import registry

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from resalign_fast.ops import registry
+from resalign_fast.ops import backends, registry
 
 
 def fd_perturb_ref(
@@ -49,21 +49,24 @@ def fd_combine_ref(g_plus: Tensor, g_minus: Tensor, eps: float, *, out: Tensor |
 
 
 def _ext():
-    return registry.extension()[0]
+    return backends.extension()[0]
 
 
 def _kernels():
-    return registry.import_kernels("fd_hvp")
+    return backends.import_kernels("fd_hvp")
 
 
-# backend -> fn(x, v, eps, out_plus, out_minus) and fn(g_plus, g_minus, eps, out)
-PERTURB = {
+# backend -> fn(x, v, eps, out_plus, out_minus), in auto order (backends.STANDARD_BACKENDS)
+PERTURB_IMPLEMENTATIONS = {
     "cuda": lambda x, v, eps, op, om: _ext().fd_perturb_cuda(x, v, eps, op, om),
     "triton": lambda x, v, eps, op, om: _kernels().fd_perturb_triton(x, v, eps, op, om),
     "cpp": lambda x, v, eps, op, om: _ext().fd_perturb_cpu(x, v, eps, op, om),
-    "torch": lambda x, v, eps, op, om: fd_perturb_ref(x, v, eps, out=None if op is None else (op, om)),
+    "torch": lambda x, v, eps, op, om: fd_perturb_ref(
+        x, v, eps, out=None if op is None else (op, om)
+    ),
 }
-COMBINE = {
+# backend -> fn(g_plus, g_minus, eps, out), in auto order
+COMBINE_IMPLEMENTATIONS = {
     "cuda": lambda gp, gm, eps, out: _ext().fd_combine_cuda(gp, gm, eps, out),
     "triton": lambda gp, gm, eps, out: _kernels().fd_combine_triton(gp, gm, eps, out),
     "cpp": lambda gp, gm, eps, out: _ext().fd_combine_cpu(gp, gm, eps, out),
@@ -71,18 +74,20 @@ COMBINE = {
 }
 
 
-def fd_perturb_not_supported_reasons(backend: str, *tensors: Tensor) -> list[str]:
-    """Why `backend` cannot run fd_perturb on (x, v) (empty: it can)."""
-    return registry.standard_reasons("fd_perturb", backend, tensors)
+def fd_perturb_not_supported_reasons(backend: str, *tensors: Tensor | None) -> list[str]:
+    """Why `backend` cannot run fd_perturb on (x, v, out_plus, out_minus) (empty: it can)."""
+    return backends.standard_reasons("fd_perturb", backend, tensors)
 
 
-def fd_combine_not_supported_reasons(backend: str, *tensors: Tensor) -> list[str]:
-    """Why `backend` cannot run fd_combine on (g_plus, g_minus) (empty: it can)."""
-    return registry.standard_reasons("fd_combine", backend, tensors)
+def fd_combine_not_supported_reasons(backend: str, *tensors: Tensor | None) -> list[str]:
+    """Why `backend` cannot run fd_combine on (g_plus, g_minus, out) (empty: it can)."""
+    return backends.standard_reasons("fd_combine", backend, tensors)
 
 
-for _op, _reasons in (("fd_perturb", fd_perturb_not_supported_reasons), ("fd_combine", fd_combine_not_supported_reasons)):
-    registry.register_op(_op, registry.STANDARD_BACKENDS, _reasons, auto_skip=registry.skip_interpreter)
+registry.register_op("fd_perturb", PERTURB_IMPLEMENTATIONS, fd_perturb_not_supported_reasons,
+                     backends.skip_interpreter)
+registry.register_op("fd_combine", COMBINE_IMPLEMENTATIONS, fd_combine_not_supported_reasons,
+                     backends.skip_interpreter)
 
 
 def _check_eps(op: str, eps: float) -> None:
@@ -113,8 +118,8 @@ def fd_perturb(
     _check_eps("fd_perturb", eps)
     out_plus, out_minus = out if out is not None else (None, None)
     registry.check_outputs("fd_perturb", x, (x, v), x_plus=out_plus, x_minus=out_minus)
-    name = registry.select_backend("fd_perturb", backend, x, v, out_plus, out_minus)
-    return PERTURB[name](x, v, float(eps), out_plus, out_minus)
+    run = registry.dispatch("fd_perturb", backend, x, v, out_plus, out_minus)
+    return run(x, v, float(eps), out_plus, out_minus)
 
 
 def fd_combine(
@@ -138,5 +143,5 @@ def fd_combine(
     registry.check_buffers("fd_combine", g_plus=g_plus, g_minus=g_minus)
     _check_eps("fd_combine", eps)
     registry.check_outputs("fd_combine", g_plus, (g_plus, g_minus), out=out)
-    name = registry.select_backend("fd_combine", backend, g_plus, g_minus, out)
-    return COMBINE[name](g_plus, g_minus, float(eps), out)
+    run = registry.dispatch("fd_combine", backend, g_plus, g_minus, out)
+    return run(g_plus, g_minus, float(eps), out)

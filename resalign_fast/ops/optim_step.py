@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import functools
 import platform
+from typing import Callable
 
 import torch
 from torch import Tensor
 
-from resalign_fast.ops import registry
+from resalign_fast.ops import backends, registry
 
 
 def sgd_step_ref(
@@ -65,6 +66,14 @@ def adam_step_ref(
         weight_decay: L2 coefficient (Adam) or decoupled decay rate (AdamW).
         decoupled: True for AdamW.
     """
+    step_size, bc2_sqrt = _bias_corrections(step, lr, beta1, beta2)
+    _adam_ref(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, decoupled,
+              step_size, bc2_sqrt)
+
+
+def _adam_ref(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, decoupled,
+              step_size, bc2_sqrt) -> None:
+    """`adam_step_ref` with the kernels' arguments: the bias corrections already computed."""
     with torch.no_grad():
         g = grad
         if weight_decay != 0:
@@ -74,9 +83,14 @@ def adam_step_ref(
                 g = g.add(param, alpha=weight_decay)
         exp_avg.lerp_(g, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        step_size, bc2_sqrt = _bias_corrections(step, lr, beta1, beta2)
         denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps)
         param.addcdiv_(exp_avg, denom, value=-step_size)
+
+
+def _sgd_ref(param, grad, momentum_buf, lr, momentum, weight_decay, first_step) -> None:
+    """`sgd_step_ref` with the kernels' (positional) arguments."""
+    sgd_step_ref(param, grad, momentum_buf, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                 first_step=first_step)
 
 
 def _bias_corrections(step: int, lr: float, beta1: float, beta2: float) -> tuple[float, float]:
@@ -103,42 +117,49 @@ def _bump_versions(*tensors: Tensor | None) -> None:
             torch.autograd.graph.increment_version(t)
 
 
-def _sgd_fused(backend: str, param, grad, buf, lr, momentum, weight_decay, first_step) -> None:
-    args = (param, grad, buf, lr, momentum, weight_decay, first_step)
-    if backend == "triton":
-        registry.import_kernels("optim_step").sgd_step_triton(*args)
-    elif backend == "cpp":
-        registry.extension()[0].sgd_step_cpu(*args, torch_cpu_fuses_multiply_add())
-    else:
-        registry.extension()[0].sgd_step_cuda(*args)
-    _bump_versions(param, buf)
+def _fused(op: str, backend: str) -> Callable[..., None]:
+    """The in-place kernel of `op` on a fused backend, called with the kernels' arguments (param,
+    grad, the state buffers, then the scalars); the C++ kernels also take `use_fma`."""
+
+    def step(param: Tensor, grad: Tensor, *rest) -> None:
+        if backend == "triton":
+            kernel = getattr(backends.import_kernels("optim_step"), f"{op}_triton")
+        else:
+            suffix = "cpu" if backend == "cpp" else "cuda"
+            kernel = getattr(backends.extension()[0], f"{op}_{suffix}")
+        use_fma = (torch_cpu_fuses_multiply_add(),) if backend == "cpp" else ()
+        kernel(param, grad, *rest, *use_fma)
+        _bump_versions(param, *(t for t in rest if isinstance(t, Tensor)))
+
+    return step
 
 
-def _adam_fused(backend: str, param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, weight_decay,
-                decoupled) -> None:
-    step_size, bc2_sqrt = _bias_corrections(step, lr, beta1, beta2)
-    args = (param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, decoupled, step_size, bc2_sqrt)
-    if backend == "triton":
-        registry.import_kernels("optim_step").adam_step_triton(*args)
-    elif backend == "cpp":
-        registry.extension()[0].adam_step_cpu(*args, torch_cpu_fuses_multiply_add())
-    else:
-        registry.extension()[0].adam_step_cuda(*args)
-    _bump_versions(param, exp_avg, exp_avg_sq)
+def _implementations(op: str, reference: Callable[..., None]) -> dict[str, Callable[..., None]]:
+    """backend -> fn(kernel arguments) for op, in auto order (backends.STANDARD_BACKENDS)."""
+    return {b: _fused(op, b) for b in ("cuda", "triton", "cpp")} | {"torch": reference}
 
 
-def sgd_not_supported_reasons(backend: str, *tensors: Tensor) -> list[str]:
+# backend -> fn(param, grad, momentum_buf, lr, momentum, weight_decay, first_step)
+SGD_IMPLEMENTATIONS = _implementations("sgd_step", _sgd_ref)
+# backend -> fn(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, decoupled,
+#               step_size, bc2_sqrt)
+ADAM_IMPLEMENTATIONS = _implementations("adam_step", _adam_ref)
+
+
+def sgd_not_supported_reasons(backend: str, *tensors: Tensor | None) -> list[str]:
     """Why `backend` cannot run sgd_step on (param, grad, momentum_buf) (empty: it can)."""
-    return registry.standard_reasons("sgd_step", backend, tensors, allow_grad=True)
+    return backends.standard_reasons("sgd_step", backend, tensors, allow_grad=True)
 
 
-def adam_not_supported_reasons(backend: str, *tensors: Tensor) -> list[str]:
+def adam_not_supported_reasons(backend: str, *tensors: Tensor | None) -> list[str]:
     """Why `backend` cannot run adam_step on (param, grad, exp_avg, exp_avg_sq) (empty: it can)."""
-    return registry.standard_reasons("adam_step", backend, tensors, allow_grad=True)
+    return backends.standard_reasons("adam_step", backend, tensors, allow_grad=True)
 
 
-for _op, _reasons in (("sgd_step", sgd_not_supported_reasons), ("adam_step", adam_not_supported_reasons)):
-    registry.register_op(_op, registry.STANDARD_BACKENDS, _reasons, auto_skip=registry.skip_interpreter)
+registry.register_op("sgd_step", SGD_IMPLEMENTATIONS, sgd_not_supported_reasons,
+                     backends.skip_interpreter)
+registry.register_op("adam_step", ADAM_IMPLEMENTATIONS, adam_not_supported_reasons,
+                     backends.skip_interpreter)
 
 
 def sgd_step(
@@ -168,11 +189,8 @@ def sgd_step(
         raise ValueError(f"sgd_step: momentum {momentum} needs a momentum_buf")
     buf = momentum_buf if momentum != 0 else None
     registry.check_buffers("sgd_step", param=param, grad=grad, momentum_buf=buf)
-    name = registry.select_backend("sgd_step", backend, param, grad, buf)
-    if name == "torch":
-        sgd_step_ref(param, grad, buf, lr=lr, momentum=momentum, weight_decay=weight_decay, first_step=first_step)
-    else:
-        _sgd_fused(name, param, grad, buf, float(lr), float(momentum), float(weight_decay), bool(first_step))
+    run = registry.dispatch("sgd_step", backend, param, grad, buf)
+    run(param, grad, buf, float(lr), float(momentum), float(weight_decay), bool(first_step))
 
 
 def adam_step(
@@ -206,10 +224,7 @@ def adam_step(
             f"got lr={lr}, betas=({beta1}, {beta2}), eps={eps}, weight_decay={weight_decay}"
         )
     registry.check_buffers("adam_step", param=param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
-    name = registry.select_backend("adam_step", backend, param, grad, exp_avg, exp_avg_sq)
-    hyper = dict(step=int(step), lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps),
-                 weight_decay=float(weight_decay), decoupled=bool(decoupled))
-    if name == "torch":
-        adam_step_ref(param, grad, exp_avg, exp_avg_sq, **hyper)
-    else:
-        _adam_fused(name, param, grad, exp_avg, exp_avg_sq, **hyper)
+    run = registry.dispatch("adam_step", backend, param, grad, exp_avg, exp_avg_sq)
+    step_size, bc2_sqrt = _bias_corrections(int(step), float(lr), float(beta1), float(beta2))
+    run(param, grad, exp_avg, exp_avg_sq, float(lr), float(beta1), float(beta2), float(eps),
+        float(weight_decay), bool(decoupled), step_size, bc2_sqrt)

@@ -1,52 +1,71 @@
 """Operator registry: which backends an op has, why one cannot run, and which one runs.
 
-Every fused op registers itself here once, at import of its module, with the backends it has in
-`auto` order and one function that explains why a backend cannot run:
+A *backend* is a kernel provider of an op (cuda, triton, cpp, torch for the built-in fused ops;
+triton, sdpa, chunked, math for attention; see resalign_fast.ops.backends); in resalign_fast.ops
+the word means nothing else. Every op registers itself once, at import of its module, with its
+implementations table (backend -> function, in `auto` order, every entry taking the same
+arguments) and one function that explains why a backend cannot run:
 
     from resalign_fast.ops import registry
 
-    BACKENDS = ("triton", "sdpa", "chunked", "math")      # auto order, most preferred first
+    # backend -> fn(x, out); auto order, most preferred first
+    IMPLEMENTATIONS = {"triton": my_op_triton, "torch": lambda x, out: my_op_ref(x, out=out)}
 
-    def not_supported_reasons(backend: str, *tensors: Tensor) -> list[str]:
-        # Empty list: `backend` can run these inputs. Called with no tensors, report only what the
-        # environment lacks (missing package or device); `python -m resalign_fast.info` does that.
+    def not_supported_reasons(backend: str, *tensors: Tensor | None) -> list[str]:
         ...
 
-    registry.register_op("attention", BACKENDS, not_supported_reasons)
+    registry.register_op("my_op", IMPLEMENTATIONS, not_supported_reasons)
 
-    def attention(q, k, v, backend="auto"):
-        backend = registry.select_backend("attention", backend, q, k, v)  # raises if it cannot run
-        ...run that backend...
+    def my_op(x, backend="auto", *, out=None):
+        return registry.dispatch("my_op", backend, x, out)(x, out)  # raises if it cannot run
+
+The one signature of every `not_supported_reasons` in resalign_fast (each op module's, the one an
+op registers, the Triton kernels' own in resalign_fast.kernels.attention):
+
+    not_supported_reasons(backend: str, *tensors: Tensor | None) -> list[str]
+
+* backend: a backend name of the op.
+* tensors: the op's tensor arguments, positionally, in the order of the op's call (None for an
+  absent optional buffer); no tensors at all asks only what the environment lacks (a package,
+  the extension, a device), which `availability` and `python -m resalign_fast.info` report.
+* returns: one human-readable reason per obstacle; an empty list means `backend` can run them.
+
+`registry.not_supported_reasons(op, backend, *tensors)` is the same call with the registered op
+named first; attention's (resalign_fast.ops.attention) adds only the keyword `order`, which picks
+its registry entry. Non-tensor arguments (scalars, sizes) never decide whether a backend runs.
 
 `select_backend` walks the backends in order for "auto" and takes the first that has no reason
 against the inputs; a backend asked for by name that cannot run raises `UnsupportedBackendError`,
-whose message lists every reason. An op may also pass `auto_skip(backend, *tensors) -> str | None`
-for a backend that can run but that `auto` should not pick: the built-in ops use
-`skip_interpreter`, since the Triton interpreter is a debugging aid (~1.8 ms per program) and
-TRITON_INTERPRET=1, once set for a test session, would otherwise reroute every CPU call through it.
-The helpers below (`extension`, `tensor_reasons`, `triton_reasons`, `standard_reasons`,
-`check_buffers`, `check_outputs`, `import_kernels`) are the checks the built-in ops share.
-
-The built-in fused ops use the backends `STANDARD_BACKENDS` ("cuda", "triton", "cpp", "torch").
+whose message lists every reason. `dispatch` is `select_backend` followed by a look-up in the
+op's table. An op may also pass `auto_skip(backend, *tensors) -> str | None` for a backend that
+can run but that `auto` should not pick: the built-in ops use `backends.skip_interpreter`, since
+the Triton interpreter is a debugging aid (~1.8 ms per program) and TRITON_INTERPRET=1, once set
+for a test session, would otherwise reroute every CPU call through it. `check_buffers` and
+`check_outputs` validate an op's buffers before dispatch.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import os
-import sys
 from dataclasses import dataclass
-from pathlib import Path
-from types import ModuleType
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-#: Backends of the built-in ops, in `auto` order: CUDA kernels (resalign_fast._C), Triton kernels
-#: (resalign_fast.kernels), C++/OpenMP CPU kernels (resalign_fast._C), the plain-torch reference.
-STANDARD_BACKENDS: tuple[str, ...] = ("cuda", "triton", "cpp", "torch")
+# The built-in ops' backend checks live in resalign_fast.ops.backends; importable from here too.
+from resalign_fast.ops.backends import (  # noqa: F401
+    CPU_DTYPES,
+    GPU_DTYPES,
+    STANDARD_BACKENDS,
+    extension,
+    extension_reasons,
+    import_kernels,
+    interpreter_active,
+    skip_interpreter,
+    standard_reasons,
+    tensor_reasons,
+    triton_reasons,
+)
 
 ReasonsFn = Callable[..., list[str]]
 
@@ -65,12 +84,15 @@ class OpEntry:
         not_supported_reasons: `(backend, *tensors) -> list[str]`, empty when it can run.
         auto_skip: optional `(backend, *tensors) -> str | None`, why `auto` passes over a backend
             that can run.
+        implementations: backend -> function (same arguments for every backend), or None for an
+            op that registered backend names only and runs them itself.
     """
 
     name: str
     backends: tuple[str, ...]
     not_supported_reasons: ReasonsFn
     auto_skip: Callable[..., str | None] | None = None
+    implementations: Mapping[str, Callable] | None = None
 
 
 _OPS: dict[str, OpEntry] = {}
@@ -78,7 +100,7 @@ _OPS: dict[str, OpEntry] = {}
 
 def register_op(
     name: str,
-    backends: Sequence[str],
+    implementations: Mapping[str, Callable] | Sequence[str],
     not_supported_reasons: ReasonsFn,
     auto_skip: Callable[..., str | None] | None = None,
 ) -> OpEntry:
@@ -86,16 +108,18 @@ def register_op(
 
     Args:
         name: op name.
-        backends: backend names in `auto` order, most preferred first.
+        implementations: backend -> function, in `auto` order (most preferred first), every
+            function taking the op's same arguments; or only the backend names, in that order.
         not_supported_reasons: `(backend, *tensors) -> list[str]`; see the module docstring.
         auto_skip: optional `(backend, *tensors) -> str | None`; see the module docstring.
 
     Returns:
         The registry entry.
     """
-    if not backends:
+    if not implementations:
         raise ValueError(f"op {name!r} registers no backend")
-    entry = OpEntry(name, tuple(backends), not_supported_reasons, auto_skip)
+    table = dict(implementations) if isinstance(implementations, Mapping) else None
+    entry = OpEntry(name, tuple(implementations), not_supported_reasons, auto_skip, table)
     _OPS[name] = entry
     return entry
 
@@ -113,7 +137,7 @@ def get_op(name: str) -> OpEntry:
         raise KeyError(f"no op {name!r} registered; registered: {registered_ops()}") from None
 
 
-def not_supported_reasons(op: str, backend: str, *tensors: Tensor) -> list[str]:
+def not_supported_reasons(op: str, backend: str, *tensors: Tensor | None) -> list[str]:
     """Why `backend` cannot run op `op` on `tensors` (empty list: it can).
 
     Args:
@@ -130,7 +154,7 @@ def not_supported_reasons(op: str, backend: str, *tensors: Tensor) -> list[str]:
     return list(entry.not_supported_reasons(backend, *tensors))
 
 
-def select_backend(op: str, backend: str, *tensors: Tensor) -> str:
+def select_backend(op: str, backend: str, *tensors: Tensor | None) -> str:
     """The backend that runs `op` on `tensors`.
 
     Args:
@@ -156,11 +180,34 @@ def select_backend(op: str, backend: str, *tensors: Tensor) -> str:
     refused = []
     for name in entry.backends:
         reasons = list(entry.not_supported_reasons(name, *tensors))
-        skip = entry.auto_skip(name, *tensors) if entry.auto_skip is not None and not reasons else None
+        skip = None
+        if entry.auto_skip is not None and not reasons:
+            skip = entry.auto_skip(name, *tensors)
         if not reasons and skip is None:
             return name
         refused.append(f"{name}: " + "; ".join(reasons or [skip]))
     raise UnsupportedBackendError(f"{op}: no backend can run these inputs: " + " | ".join(refused))
+
+
+def dispatch(op: str, backend: str, *tensors: Tensor | None) -> Callable:
+    """The implementation of `op` that runs `tensors`: `select_backend`, then the op's table.
+
+    Args:
+        op: registered op name, registered with an implementations table.
+        backend: "auto" or a backend name, as in `select_backend`.
+        *tensors: the op's tensor arguments, as in `not_supported_reasons`.
+
+    Returns:
+        The selected backend's function; call it with the op's arguments.
+
+    Raises:
+        UnsupportedBackendError: as `select_backend`.
+        LookupError: the op registered backend names only.
+    """
+    table = get_op(op).implementations
+    if table is None:
+        raise LookupError(f"op {op!r} registered backend names only, no implementations")
+    return table[select_backend(op, backend, *tensors)]
 
 
 def availability(op: str) -> dict[str, list[str]]:
@@ -170,126 +217,8 @@ def availability(op: str) -> dict[str, list[str]]:
 
 
 # --------------------------------------------------------------------------------------------
-# Shared checks for the built-in ops.
+# Argument checks the built-in ops run before dispatch.
 # --------------------------------------------------------------------------------------------
-
-_EXT: ModuleType | None = None
-_EXT_ERROR: str | None = None
-
-
-def extension() -> tuple[ModuleType | None, str | None]:
-    """The compiled extension `resalign_fast._C`, imported once.
-
-    Returns:
-        (module, None) when it loads, else (None, why it does not).
-    """
-    global _EXT, _EXT_ERROR
-    if _EXT is None and _EXT_ERROR is None:
-        try:
-            _EXT = importlib.import_module("resalign_fast._C")
-        except ImportError as exc:
-            _EXT_ERROR = f"resalign_fast._C is not built ({exc})"
-    return _EXT, _EXT_ERROR
-
-
-def extension_reasons(symbol: str) -> list[str]:
-    """Reasons why the extension cannot provide `symbol` (e.g. "richardson_step_cuda")."""
-    ext, error = extension()
-    if ext is None:
-        return [str(error)]
-    if not hasattr(ext, symbol):
-        variant = ext.build_info().get("variant", "?")
-        if variant == "cpu" and symbol.endswith("_cuda"):
-            return ["resalign_fast._C is the CPU-only build (no CUDA kernels)"]
-        return [f"resalign_fast._C ({variant} build) has no {symbol}"]
-    return []
-
-
-def tensor_reasons(
-    tensors: Iterable[Tensor],
-    *,
-    device_type: str | None,
-    dtypes: Iterable[torch.dtype],
-    allow_grad: bool = False,
-) -> list[str]:
-    """Reasons why a kernel that needs contiguous tensors of `dtypes` on `device_type` cannot run.
-
-    Args:
-        tensors: the op's tensor arguments (None entries are ignored).
-        device_type: "cpu", "cuda", or None for any device.
-        dtypes: supported dtypes.
-        allow_grad: False: refuse inputs that require grad while grad mode is on (the kernel is
-            forward-only and would silently cut the graph).
-    """
-    dtypes = tuple(dtypes)
-    reasons: list[str] = []
-    for i, t in enumerate(tensors):
-        if t is None:
-            continue
-        if device_type is not None and t.device.type != device_type:
-            reasons.append(f"tensor {i} is on {t.device}, needs {device_type}")
-        if t.dtype not in dtypes:
-            names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
-            reasons.append(f"tensor {i} is {str(t.dtype).removeprefix('torch.')}, needs one of {names}")
-        if not t.is_contiguous():
-            reasons.append(f"tensor {i} is not contiguous")
-        if not allow_grad and t.requires_grad and torch.is_grad_enabled():
-            reasons.append(f"tensor {i} requires grad; this kernel is forward-only")
-    return reasons
-
-
-def triton_reasons(tensors: Sequence[Tensor], *, interpreter_dtypes: Iterable[torch.dtype]) -> list[str]:
-    """Reasons why Triton cannot run: package missing, or CPU tensors without the interpreter.
-
-    Args:
-        tensors: the op's tensor arguments (none: environment-only check).
-        interpreter_dtypes: dtypes the Triton interpreter handles for CPU tensors.
-    """
-    if importlib.util.find_spec("triton") is None:
-        return ["triton is not installed"]
-    on_cpu = [t for t in tensors if t is not None and t.device.type == "cpu"]
-    if not tensors:
-        if torch.cuda.is_available() or interpreter_active():
-            return []
-        return ["no CUDA device, and the Triton interpreter is off (TRITON_INTERPRET=1 before triton is imported)"]
-    if on_cpu:
-        if not interpreter_active():
-            return ["CPU tensors run only under the Triton interpreter (TRITON_INTERPRET=1 before triton is imported)"]
-        allowed = tuple(interpreter_dtypes)
-        bad = [t.dtype for t in on_cpu if t.dtype not in allowed]
-        if bad:
-            return [f"the Triton interpreter does not run {str(bad[0]).removeprefix('torch.')} here"]
-    return []
-
-
-CPU_DTYPES = (torch.float32, torch.float64)
-GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def standard_reasons(symbol: str, backend: str, tensors: Sequence[Tensor], *, allow_grad: bool = False) -> list[str]:
-    """Reasons for the STANDARD_BACKENDS of a built-in op whose kernels are `_C.<symbol>_cpu`,
-    `_C.<symbol>_cuda` and a Triton launcher; torch (the reference) always runs.
-
-    Args:
-        symbol: kernel base name, e.g. "richardson_step".
-        backend: one of STANDARD_BACKENDS.
-        tensors: the op's tensor arguments (none: environment-only check).
-        allow_grad: see `tensor_reasons`.
-    """
-    if backend == "torch":
-        return []
-    if backend == "cpp":
-        reasons = extension_reasons(f"{symbol}_cpu")
-        return reasons + tensor_reasons(tensors, device_type="cpu", dtypes=CPU_DTYPES, allow_grad=allow_grad)
-    if backend == "cuda":
-        reasons = extension_reasons(f"{symbol}_cuda")
-        if not torch.cuda.is_available():
-            reasons.append("no CUDA device")
-        return reasons + tensor_reasons(tensors, device_type="cuda", dtypes=GPU_DTYPES, allow_grad=allow_grad)
-    if backend == "triton":
-        reasons = triton_reasons(tensors, interpreter_dtypes=CPU_DTYPES)
-        return reasons + tensor_reasons(tensors, device_type=None, dtypes=GPU_DTYPES, allow_grad=allow_grad)
-    return [f"unknown backend {backend!r}"]
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -316,13 +245,6 @@ def check_buffers(op: str, **buffers: Tensor | None) -> None:
             )
 
 
-def skip_interpreter(backend: str, *tensors: Tensor) -> str | None:
-    """`auto_skip` of the built-in ops: `auto` never sends CPU tensors to the Triton interpreter."""
-    if backend == "triton" and any(t is not None and t.device.type == "cpu" for t in tensors):
-        return "the Triton interpreter runs only when asked for by name (backend='triton')"
-    return None
-
-
 def check_outputs(op: str, like: Tensor, inputs: Sequence[Tensor], **outs: Tensor | None) -> None:
     """Raises ValueError unless each given output buffer matches `like` and overlaps no input.
 
@@ -343,42 +265,3 @@ def check_outputs(op: str, like: Tensor, inputs: Sequence[Tensor], **outs: Tenso
         if any(lo < b and a < hi for a, b in spans + taken) and hi > lo:
             raise ValueError(f"{op}: {name} overlaps an input or another output")
         taken.append((lo, hi))
-
-
-def interpreter_active() -> bool:
-    """Whether Triton kernels run in the interpreter in this process.
-
-    Triton decides when `@triton.jit` runs (its own standard library included), from
-    TRITON_INTERPRET=1 at that moment: setting the variable after triton is imported has no effect.
-    """
-    if os.environ.get("TRITON_INTERPRET", "0") != "1":
-        return False
-    if "triton.language" not in sys.modules:
-        return True  # triton will be imported in interpreter mode
-    return type(sys.modules["triton.language"].sum).__name__ == "InterpretedFunction"
-
-
-def import_kernels(name: str) -> ModuleType:
-    """Imports `resalign_fast.kernels.<name>`, also from a source checkout that is not installed.
-
-    The Triton kernels live in the top-level `kernels/` folder, installed as `resalign_fast.kernels`
-    (a top-level `kernels` package collides with one on PyPI). An installed or editable package
-    finds it; a bare source checkout gets it attached from `kernels/` here.
-    """
-    try:
-        return importlib.import_module(f"resalign_fast.kernels.{name}")
-    except ModuleNotFoundError as exc:
-        if exc.name != "resalign_fast.kernels":
-            raise
-    source = Path(__file__).resolve().parents[2] / "kernels"
-    init = source / "__init__.py"
-    if not init.is_file():
-        raise ModuleNotFoundError(f"resalign_fast.kernels is not installed and {init} is missing")
-    spec = importlib.util.spec_from_file_location(
-        "resalign_fast.kernels", init, submodule_search_locations=[str(source)]
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["resalign_fast.kernels"] = module
-    spec.loader.exec_module(module)
-    return importlib.import_module(f"resalign_fast.kernels.{name}")

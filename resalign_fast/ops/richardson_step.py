@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from resalign_fast.ops import registry
+from resalign_fast.ops import backends, registry
 
 OP = "richardson_step"
 
@@ -41,24 +41,26 @@ def richardson_step_ref(
 
 
 def _ext():
-    return registry.extension()[0]
+    return backends.extension()[0]
 
 
-# backend -> fn(v, b, hv, alpha, gamma, out)
+# backend -> fn(v, b, hv, alpha, gamma, out), in auto order (backends.STANDARD_BACKENDS)
 IMPLEMENTATIONS = {
     "cuda": lambda *args: _ext().richardson_step_cuda(*args),
-    "triton": lambda *args: registry.import_kernels("richardson_step").richardson_step_triton(*args),
+    "triton": lambda *args: backends.import_kernels(OP).richardson_step_triton(*args),
     "cpp": lambda *args: _ext().richardson_step_cpu(*args),
-    "torch": lambda v, b, hv, alpha, gamma, out: richardson_step_ref(v, b, hv, alpha, gamma, out=out),
+    "torch": lambda v, b, hv, alpha, gamma, out: richardson_step_ref(
+        v, b, hv, alpha, gamma, out=out
+    ),
 }
 
 
-def not_supported_reasons(backend: str, *tensors: Tensor) -> list[str]:
-    """Why `backend` cannot run richardson_step on (v, b, hv) (empty: it can)."""
-    return registry.standard_reasons(OP, backend, tensors)
+def not_supported_reasons(backend: str, *tensors: Tensor | None) -> list[str]:
+    """Why `backend` cannot run richardson_step on (v, b, hv, out) (empty: it can)."""
+    return backends.standard_reasons(OP, backend, tensors)
 
 
-registry.register_op(OP, registry.STANDARD_BACKENDS, not_supported_reasons, auto_skip=registry.skip_interpreter)
+registry.register_op(OP, IMPLEMENTATIONS, not_supported_reasons, backends.skip_interpreter)
 
 
 def richardson_step(
@@ -86,5 +88,5 @@ def richardson_step(
     """
     registry.check_buffers(OP, v=v, b=b, hv=hv)
     registry.check_outputs(OP, v, (v, b, hv), out=out)
-    name = registry.select_backend(OP, backend, v, b, hv, out)
-    return IMPLEMENTATIONS[name](v, b, hv, float(alpha), float(gamma), out)
+    run = registry.dispatch(OP, backend, v, b, hv, out)
+    return run(v, b, hv, float(alpha), float(gamma), out)

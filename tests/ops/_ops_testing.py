@@ -62,6 +62,14 @@ def size_for(backend: str, device: torch.device, size: str, large: int = SIZES["
     return INTERPRETER_LARGE if backend == "triton" and device.type == "cpu" else large
 
 
+def case(backend: str, dtype_name: str, size: str, large: int = SIZES["large"]):
+    """(dtype, device, element count) of one `cases()` parameter set; pytest.skip where the backend
+    cannot run here. (CPU Triton cases without the interpreter never get here: conftest.py.)"""
+    dtype = DTYPES[dtype_name]
+    device = device_for(backend, dtype)
+    return dtype, device, size_for(backend, device, size, large)
+
+
 def needs_triton_child(backend: str, device: torch.device) -> bool:
     """True when a CPU Triton case must run in a child process with TRITON_INTERPRET=1."""
     if backend != "triton" or device.type != "cpu":

@@ -2,8 +2,9 @@
 
 Triton on a machine without a GPU runs in Triton's interpreter, which must be switched on
 (TRITON_INTERPRET=1) before triton is first imported. When this pytest process did not start that
-way, the CPU Triton cases run once, together, in a child pytest with TRITON_INTERPRET=1, and each
-case here reports the child's outcome for it (pass, failure with its message, or skip).
+way, the CPU Triton cases (parameter backend="triton") of TRITON_FILES run once, together, in a
+child pytest with TRITON_INTERPRET=1, and each case here reports the child's outcome for it (pass,
+failure with its message, or skip) instead of running its body: `pytest_pyfunc_call` below.
 """
 
 from __future__ import annotations
@@ -11,15 +12,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 
-from _ops_testing import TRITON_CHILD_ENV
+from _ops_testing import DTYPES, TRITON_CHILD_ENV, device_for, needs_triton_child
 
 HERE = Path(__file__).resolve().parent
-# The test files whose Triton cases the child runs (keep in sync with the files using the fixture).
+# The test files whose Triton cases the child runs (every file with cases of a `backend` parameter).
 TRITON_FILES = ["test_richardson_step.py", "test_fd_hvp.py", "test_optim_step.py"]
 
 
@@ -77,8 +79,30 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture(scope="session")
-def triton_child(tmp_path_factory) -> TritonChild:
+_TRITON_CHILD = pytest.StashKey[TritonChild]()
+
+
+def _triton_child(config: pytest.Config) -> TritonChild:
+    """The session's TritonChild, made on first use; its folder goes when the session ends."""
     if os.environ.get(TRITON_CHILD_ENV) == "1":
         raise RuntimeError("the Triton child must not start another child (interpreter inactive?)")
-    return TritonChild(tmp_path_factory.mktemp("triton_child"))
+    if _TRITON_CHILD not in config.stash:
+        folder = tempfile.TemporaryDirectory(prefix="triton_child")
+        config.add_cleanup(folder.cleanup)
+        config.stash[_TRITON_CHILD] = TritonChild(Path(folder.name))
+    return config.stash[_TRITON_CHILD]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    """A CPU Triton case that needs the interpreter this process lacks reports the child's outcome
+    (True: the call is done); every other case runs as usual (None)."""
+    callspec = getattr(pyfuncitem, "callspec", None)
+    params = callspec.params if callspec is not None else {}
+    if params.get("backend") != "triton" or Path(pyfuncitem.path).name not in TRITON_FILES:
+        return None
+    device = device_for("triton", DTYPES[params.get("dtype_name", "float64")])  # may skip
+    if not needs_triton_child("triton", device):
+        return None
+    _triton_child(pyfuncitem.config).report(pyfuncitem)
+    return True

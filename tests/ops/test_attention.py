@@ -18,14 +18,8 @@ from resalign_fast.ops.attention import (
     select_backend,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops on a shared 2-core machine run ~20x faster on 1 thread than on 2 (oversubscribed)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny ops on a shared 2-core machine run ~20x faster on 1 thread than on 2 (oversubscribed).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _qkv(shape_q, nk, dv=None, dtype=torch.float64, seed=0):
@@ -244,7 +238,9 @@ def test_triton_dispatch_and_refusals():
     kern = _triton_module()
     q, k, v = (x.float().to(DEVICE) for x in _qkv((1, 1, 9, 16), 11, seed=7))
     torch.testing.assert_close(attention(q, k, v, backend="triton", order=2), attention_ref(q, k, v))
-    reasons = kern.not_supported_reasons(q.double(), k.double(), v[..., :8].double(), torch.zeros(9, 11))
+    reasons = kern.not_supported_reasons(
+        "triton", q.double(), k.double(), v[..., :8].double(), torch.zeros(9, 11)
+    )
     assert len(reasons) == 3 and all(r.startswith("triton:") for r in reasons), reasons
     with pytest.raises(ValueError, match="mask"):
         attention(q, k, v, backend="triton", attn_mask=torch.zeros(9, 11, device=DEVICE))

@@ -11,8 +11,14 @@ STUB = Path(__file__).resolve().parents[2] / "resalign_fast" / "_C.pyi"
 
 
 def _stub() -> dict[str, list[str]]:
+    """Function name -> argument names; `a = b` aliases share b's signature."""
     tree = ast.parse(STUB.read_text())
-    return {f.name: [a.arg for a in f.args.args] for f in tree.body if isinstance(f, ast.FunctionDef)}
+    functions = [f for f in tree.body if isinstance(f, ast.FunctionDef)]
+    stub = {f.name: [a.arg for a in f.args.args] for f in functions}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Name):
+            stub.update({target.id: stub[node.value.id] for target in node.targets})
+    return stub
 
 
 def test_stub_matches_the_built_extension():

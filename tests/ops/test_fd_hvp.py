@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from _ops_testing import DTYPES, assert_close_to_truth, cases, device_for, generator, needs_triton_child, randn, size_for
+from _ops_testing import assert_close_to_truth, case, cases, device_for, generator, randn
 from resalign_fast.ops import registry
 from resalign_fast.ops.fd_hvp import fd_combine, fd_combine_ref, fd_perturb, fd_perturb_ref
 
@@ -14,42 +14,36 @@ def _eps(gen) -> float:
     return 10 ** (-4 + 3 * torch.rand((), generator=gen).item())  # 1e-4 .. 1e-1
 
 
-@pytest.mark.parametrize("backend,dtype_name,size", cases())
-def test_fd_perturb_matches_ref(backend, dtype_name, size, request):
-    dtype = DTYPES[dtype_name]
-    device = device_for(backend, dtype)
-    if needs_triton_child(backend, device):
-        request.getfixturevalue("triton_child").report(request.node)
-        return
-    n = size_for(backend, device, size)
+def _check_matches_ref(fused, reference, names, backend, dtype_name, size):
+    """fused(a, b, eps, backend=) against reference(a, b, eps): outputs `names`, from two fresh
+    random buffers and a random eps."""
+    dtype, device, n = case(backend, dtype_name, size)
     gen = generator()
-    x, v = randn(n, dtype, device, gen), randn(n, dtype, device, gen)
+    a, b = randn(n, dtype, device, gen), randn(n, dtype, device, gen)
     eps = _eps(gen)
-    plus, minus = fd_perturb(x, v, eps, backend=backend)
-    ref = fd_perturb_ref(x, v, eps)
-    truth = fd_perturb_ref(x.double(), v.double(), eps)
-    for name, out, r, t in zip(("x_plus", "x_minus"), (plus, minus), ref, truth):
+    outs = fused(a, b, eps, backend=backend)
+    refs = reference(a, b, eps)
+    truths = reference(a.double(), b.double(), eps)
+    for name, out, r, t in zip(names, outs, refs, truths, strict=True):
         assert_close_to_truth(out, r, t, name=name)
         if backend == "cpp":
             assert torch.equal(out, r), name
 
 
 @pytest.mark.parametrize("backend,dtype_name,size", cases())
-def test_fd_combine_matches_ref(backend, dtype_name, size, request):
-    dtype = DTYPES[dtype_name]
-    device = device_for(backend, dtype)
-    if needs_triton_child(backend, device):
-        request.getfixturevalue("triton_child").report(request.node)
-        return
-    n = size_for(backend, device, size)
-    gen = generator()
-    g_plus, g_minus = randn(n, dtype, device, gen), randn(n, dtype, device, gen)
-    eps = _eps(gen)
-    hv = fd_combine(g_plus, g_minus, eps, backend=backend)
-    ref = fd_combine_ref(g_plus, g_minus, eps)
-    assert_close_to_truth(hv, ref, fd_combine_ref(g_plus.double(), g_minus.double(), eps), name="hv")
-    if backend == "cpp":
-        assert torch.equal(hv, ref)
+def test_fd_perturb_matches_ref(backend, dtype_name, size):
+    _check_matches_ref(fd_perturb, fd_perturb_ref, ("x_plus", "x_minus"), backend, dtype_name, size)
+
+
+@pytest.mark.parametrize("backend,dtype_name,size", cases())
+def test_fd_combine_matches_ref(backend, dtype_name, size):
+    def fused(*args, **kw):
+        return (fd_combine(*args, **kw),)
+
+    def reference(*args):
+        return (fd_combine_ref(*args),)
+
+    _check_matches_ref(fused, reference, ("hv",), backend, dtype_name, size)
 
 
 @pytest.mark.parametrize("backend", ["auto", "cpp", "torch"])
@@ -79,11 +73,8 @@ def test_fd_ops_reject_bad_arguments():
 
 
 @pytest.mark.parametrize("backend", ["cpp", "torch", "cuda", "triton"])
-def test_fd_ops_write_into_out(backend, request):
+def test_fd_ops_write_into_out(backend):
     device = device_for(backend, torch.float64)
-    if needs_triton_child(backend, device):
-        request.getfixturevalue("triton_child").report(request.node)
-        return
     gen = generator()
     x, v = randn(1001, torch.float64, device, gen), randn(1001, torch.float64, device, gen)
     bufs = torch.empty_like(x), torch.empty_like(x)

@@ -13,7 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from _ops_testing import DTYPES, assert_close_to_truth, cases, device_for, generator, needs_triton_child, randn, size_for
+from _ops_testing import (
+    DTYPES,
+    assert_close_to_truth,
+    case,
+    cases,
+    device_for,
+    generator,
+    randn,
+    size_for,
+)
 from resalign_fast.ops import registry
 from resalign_fast.ops.optim_step import adam_step, adam_step_ref, sgd_step, sgd_step_ref
 
@@ -30,60 +39,44 @@ ADAM_CONFIGS = [
 ]
 
 
-def _prepare(backend, dtype_name, size, request):
-    dtype = DTYPES[dtype_name]
-    device = device_for(backend, dtype)
-    if needs_triton_child(backend, device):
-        request.getfixturevalue("triton_child").report(request.node)
-        return None
-    return dtype, device, size_for(backend, device, size, LARGE)
+def _check_steps_match_ref(fused, reference, names, backend, dtype_name, size):
+    """STEPS steps of fused(state, g, step, backend=) against reference(state, g, step), one step
+    at a time from the same state: param (fresh random), then zero-initialised buffers."""
+    dtype, device, n = case(backend, dtype_name, size, LARGE)
+    gen = generator()
+    zeros = [torch.zeros(n, dtype=dtype, device=device) for _ in names[1:]]
+    state = [randn(n, dtype, device, gen), *zeros]
+    for step in range(1, STEPS + 1):
+        g = randn(n, dtype, device, gen)
+        state_ref = [x.clone() for x in state]
+        state_64 = [x.to(torch.float64, copy=True) for x in state]
+        fused(state, g, step, backend=backend)
+        reference(state_ref, g, step)
+        reference(state_64, g.double(), step)
+        for name, out, r, t in zip(names, state, state_ref, state_64, strict=True):
+            assert_close_to_truth(out, r, t, name=f"{name}, step {step}")
+            if backend == "cpp":
+                assert torch.equal(out, r), name
 
 
 @pytest.mark.parametrize("cfg", SGD_CONFIGS, ids=["plain", "momentum_wd"])
 @pytest.mark.parametrize("backend,dtype_name,size", cases())
-def test_sgd_step_matches_ref(backend, dtype_name, size, cfg, request):
-    prepared = _prepare(backend, dtype_name, size, request)
-    if prepared is None:
-        return
-    dtype, device, n = prepared
-    gen = generator()
-    p = randn(n, dtype, device, gen)
-    buf = torch.zeros_like(p)
-    for step in range(STEPS):
-        g = randn(n, dtype, device, gen)
-        kw = dict(cfg, first_step=step == 0)
-        p_ref, buf_ref = p.clone(), buf.clone()  # one step at a time
-        p_64, buf_64 = p.to(torch.float64, copy=True), buf.to(torch.float64, copy=True)
-        sgd_step(p, g, buf, **kw, backend=backend)
-        sgd_step_ref(p_ref, g, buf_ref, **kw)
-        sgd_step_ref(p_64, g.double(), buf_64, **kw)
-        assert_close_to_truth(p, p_ref, p_64, name=f"param, step {step + 1}")
-        assert_close_to_truth(buf, buf_ref, buf_64, name=f"momentum_buf, step {step + 1}")
-        if backend == "cpp":
-            assert torch.equal(p, p_ref) and torch.equal(buf, buf_ref)
+def test_sgd_step_matches_ref(backend, dtype_name, size, cfg):
+    def run(step_fn):
+        return lambda s, g, step, **kw: step_fn(s[0], g, s[1], **cfg, first_step=step == 1, **kw)
+
+    _check_steps_match_ref(run(sgd_step), run(sgd_step_ref), ("param", "momentum_buf"), backend,
+                           dtype_name, size)
 
 
 @pytest.mark.parametrize("cfg", ADAM_CONFIGS, ids=["adam", "adam_l2_bigweight", "adamw"])
 @pytest.mark.parametrize("backend,dtype_name,size", cases())
-def test_adam_step_matches_ref(backend, dtype_name, size, cfg, request):
-    prepared = _prepare(backend, dtype_name, size, request)
-    if prepared is None:
-        return
-    dtype, device, n = prepared
-    gen = generator()
-    p = randn(n, dtype, device, gen)
-    m, v = torch.zeros_like(p), torch.zeros_like(p)
-    for step in range(1, STEPS + 1):
-        g = randn(n, dtype, device, gen)
-        state_64 = [x.to(torch.float64, copy=True) for x in (p, m, v)]
-        state_ref = [x.clone() for x in (p, m, v)]
-        adam_step(p, g, m, v, step=step, **cfg, backend=backend)
-        adam_step_ref(*state_ref[:1], g, *state_ref[1:], step=step, **cfg)
-        adam_step_ref(*state_64[:1], g.double(), *state_64[1:], step=step, **cfg)
-        for name, out, r, t in zip(("param", "exp_avg", "exp_avg_sq"), (p, m, v), state_ref, state_64):
-            assert_close_to_truth(out, r, t, name=f"{name}, step {step}")
-            if backend == "cpp":
-                assert torch.equal(out, r), name
+def test_adam_step_matches_ref(backend, dtype_name, size, cfg):
+    def run(step_fn):
+        return lambda s, g, step, **kw: step_fn(s[0], g, s[1], s[2], step=step, **cfg, **kw)
+
+    _check_steps_match_ref(run(adam_step), run(adam_step_ref), ("param", "exp_avg", "exp_avg_sq"),
+                           backend, dtype_name, size)
 
 
 def _torch_optim_tolerance(backend: str, got: torch.Tensor, want: torch.Tensor, before: torch.Tensor) -> None:
@@ -96,13 +89,10 @@ def _torch_optim_tolerance(backend: str, got: torch.Tensor, want: torch.Tensor, 
 
 @pytest.mark.parametrize("backend", ["cpp", "torch", "cuda", "triton"])
 @pytest.mark.parametrize("dtype_name", ["float32", "float64"])
-def test_optim_steps_match_torch_optim(backend, dtype_name, request):
+def test_optim_steps_match_torch_optim(backend, dtype_name):
     """Trajectories of SGD, Adam, AdamW next to torch.optim (foreach=False, fused=False)."""
     dtype = DTYPES[dtype_name]
     device = device_for(backend, dtype)
-    if needs_triton_child(backend, device):
-        request.getfixturevalue("triton_child").report(request.node)
-        return
     n = size_for(backend, device, "large", LARGE)
     gen = generator()
     for cfg in SGD_CONFIGS:
@@ -151,7 +141,7 @@ def test_cpp_steps_match_torch_optim_without_fma_kernels():
     env = dict(os.environ, ATEN_CPU_CAPABILITY="default", PYTHONPATH=f"{root}{os.pathsep}{Path(__file__).parent}")
     cmd = [sys.executable, "-c", code + "import test_optim_step as t\n"
            "for d in ('float32', 'float64'):\n"
-           "    t.test_optim_steps_match_torch_optim('cpp', d, None)\n"]
+           "    t.test_optim_steps_match_torch_optim('cpp', d)\n"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from resalign_fast.ops import registry
+from resalign_fast.ops import backends, registry
 from resalign_fast.ops.fd_hvp import fd_combine
 from resalign_fast.ops.registry import UnsupportedBackendError, select_backend
 
@@ -73,8 +73,8 @@ def test_auto_order_on_cpu_tensors(monkeypatch):
     if registry.interpreter_active():  # the interpreter runs CPU tensors, but auto passes it over
         assert registry.not_supported_reasons("fd_combine", "triton", x, x) == []
     # Without the extension everything falls back to the reference, and cpp says why.
-    monkeypatch.setattr(registry, "_EXT", None)
-    monkeypatch.setattr(registry, "_EXT_ERROR", "resalign_fast._C is not built (test)")
+    monkeypatch.setattr(backends, "_EXT", None)
+    monkeypatch.setattr(backends, "_EXT_ERROR", "resalign_fast._C is not built (test)")
     assert select_backend("fd_combine", "auto", x, x) == "torch"
     with pytest.raises(UnsupportedBackendError, match=r"not built \(test\)"):
         fd_combine(x, x, 1e-3, backend="cpp")

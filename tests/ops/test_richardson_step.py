@@ -4,15 +4,13 @@ import pytest
 import torch
 
 from _ops_testing import (
-    DTYPES,
     assert_close_to_truth,
+    case,
     cases,
     device_for,
     exact_sq_norm,
     generator,
-    needs_triton_child,
     randn,
-    size_for,
 )
 from resalign_fast.ops import registry
 from resalign_fast.ops.richardson_step import richardson_step, richardson_step_ref
@@ -21,13 +19,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("backend,dtype_name,size", cases())
-def test_richardson_step_matches_ref(backend, dtype_name, size, request):
-    dtype = DTYPES[dtype_name]
-    device = device_for(backend, dtype)
-    if needs_triton_child(backend, device):
-        request.getfixturevalue("triton_child").report(request.node)
-        return
-    n = size_for(backend, device, size)
+def test_richardson_step_matches_ref(backend, dtype_name, size):
+    dtype, device, n = case(backend, dtype_name, size)
     gen = generator()
     v, b, hv = (randn(n, dtype, device, gen) for _ in range(3))
     alpha = 0.2 + torch.rand((), generator=gen).item()
@@ -96,11 +89,8 @@ def test_richardson_step_rejects_mismatched_buffers():
 
 
 @pytest.mark.parametrize("backend", ["cpp", "torch", "cuda", "triton"])
-def test_richardson_step_writes_into_out(backend, request):
+def test_richardson_step_writes_into_out(backend):
     device = device_for(backend, torch.float32)
-    if needs_triton_child(backend, device):
-        request.getfixturevalue("triton_child").report(request.node)
-        return
     gen = generator()
     v, b, hv = (randn(1001, torch.float32, device, gen) for _ in range(3))
     out = torch.empty_like(v)
