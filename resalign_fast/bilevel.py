@@ -224,11 +224,13 @@ class ResAlign:
             b = [self.cfg.lam * x for x in torch.autograd.grad(lh_star, phi_star)]
         return b, lh_star.item()
 
-    def implicit_solve(self, task: ConfigTask, phi_star: list[Tensor], b: list[Tensor], lh_star: float, *,
-                       inplace: bool) -> ConfigResult:
-        """g_C = direct + pullback((I + gamma H)^-1 b), H the fine-tuning loss's Hessian at theta*,
-        by the guarded solver (`cfg.guard`); `inplace`: the fd HVPs perturb phi_star itself."""
+    def implicit_solve(self, task: ConfigTask, phi_star: list[Tensor], *, inplace: bool) -> ConfigResult:
+        """g_C = direct + pullback((I + gamma H)^-1 b), b = `outer_gradient` at theta* and H the
+        fine-tuning loss's Hessian there, by the guarded solver (`cfg.guard`); `inplace`: the fd
+        HVPs perturb phi_star itself. b is computed here so that nothing else holds it: on the
+        lean path it moves to host memory."""
         cfg, c = self.cfg, task.config
+        b, lh_star = self.outer_gradient(task, phi_star)
         batch = ft_batch(c, self.data["ft"], self.data["preserve"], self.alphas, task.gen)
         terms = ft_terms(task.problem.space, c, batch)
         loss = terms if cfg.split_terms else (lambda phi: sum_terms(terms, phi))

@@ -164,16 +164,14 @@ def first_order(trainer: ResAlign, task: ConfigTask) -> ConfigResult:
 def implicit(trainer: ResAlign, task: ConfigTask) -> ConfigResult:
     """Simulate on copies, then the guarded implicit solve at theta*."""
     with on_copies(trainer, task) as phi_star, trainer.phase("hypergradient"):
-        b, lh_star = trainer.outer_gradient(task, phi_star)
-        return trainer.implicit_solve(task, phi_star, b, lh_star, inplace=False)
+        return trainer.implicit_solve(task, phi_star, inplace=False)
 
 
 def implicit_inplace(trainer: ResAlign, task: ConfigTask) -> ConfigResult:
     """`implicit` on the UNet's own weights (lean_full, full-parameter configurations): the fd
     HVPs perturb the weights in place."""
     with in_place(trainer, task) as phi_star, trainer.phase("hypergradient"):
-        b, lh_star = trainer.outer_gradient(task, phi_star)
-        return trainer.implicit_solve(task, phi_star, b, lh_star, inplace=True)
+        return trainer.implicit_solve(task, phi_star, inplace=True)
 
 
 def unrolled(trainer: ResAlign, task: ConfigTask) -> ConfigResult:

@@ -242,3 +242,14 @@ def test_offload_runs_the_offloaded_simulation(monkeypatch):
     proj = Estimator(TINY, SHAPE, block=1).run(OFFLOAD, c)
     assert proj.error == "", proj.error
     assert len(calls) == 1
+
+
+def test_lean_stable_guard_keeps_b_off_the_device():
+    """On the lean path the stable guard moves b (and its eigenvector) to host memory, so its
+    hypergradient phase peaks below the reference guard's, which keeps b on the device. Fails
+    when anything outside the solve still holds the device copy of b."""
+    c = CONFIGS["full-sgd-standard"]
+    stable = Estimator(TINY, SHAPE, block=1, target="cpu").run(LEAN, c)
+    reference = Estimator(TINY, SHAPE, block=1, target="cpu", guard="reference").run(LEAN, c)
+    assert stable.error == reference.error == "", (stable.error, reference.error)
+    assert stable.phases["hypergradient"] < reference.phases["hypergradient"], (stable.phases, reference.phases)
