@@ -7,8 +7,9 @@ import json
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -16,8 +17,6 @@ from resalign_fast.config import ConfigError, ResAlignConfig, load_toml, to_dict
 
 log = logging.getLogger("resalign_fast.runs")
 CKPT = "last.pt"
-# Settings that issue 6 asks config.py to carry (frozen parts' dtype, pickled weights, single-file
-# configs); until ResAlignConfig has these fields, these defaults apply.
 # Settings a resumed run may change: they do not affect the weights.
 RESUME_MAY_CHANGE = {"resume", "progress", "device", "num_threads", "checkpoint_every", "nan_policy", "samples_per_prompt",
                      "sample_steps", "guidance", "output_dir", "run_name"}
@@ -248,21 +247,17 @@ def export_run(out: Path, cfg: ResAlignConfig, model, algo) -> None:
         RunError: theta holds NaN/inf, or the merged UNet's weights or probe output are non-finite
             or exploding (`models.health`); nothing is saved.
     """
-    from diffusers import UNet2DConditionModel
-
     from resalign_fast.models.health import UnhealthyModel, check_unet
-    from resalign_fast.models.lora import merged_state_dict
     from resalign_fast.models.pipeline import save_model
 
     if not all(torch.isfinite(p).all() for p in algo.theta):
         raise RunError("theta holds NaN or inf: not exporting (the last good checkpoint is in checkpoints/)")
     unet = model.unet
-    plain = UNet2DConditionModel.from_config(unet.config)
-    sd = merged_state_dict(unet, algo.theta if cfg.theta == "lora" else None, algo.space if cfg.theta == "lora" else None)
-    missing, unexpected = plain.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise RunError(f"export: merged state dict mismatch (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    plain.to(next(unet.parameters()).device)
+    lora = cfg.theta == "lora"
+    try:
+        plain = plain_unet(unet, algo.theta if lora else None, algo.space if lora else None)
+    except ValueError as e:
+        raise RunError(f"export: merged {e}") from None
     try:
         check_unet(plain, model)
     except UnhealthyModel as e:
@@ -272,6 +267,49 @@ def export_run(out: Path, cfg: ResAlignConfig, model, algo) -> None:
     if cfg.theta == "lora":
         with atomic_dir(out / "lora") as tmp:
             _save_lora(tmp, cfg, unet)
+
+
+def plain_unet(unet: torch.nn.Module, values=None, space=None) -> torch.nn.Module:
+    """A plain diffusers UNet (no adapter) on unet's device holding unet's weights, with the LoRA
+    `values` of `space` (a `models.lora.ParamSpace`) merged in; values None: the weights as they are.
+
+    Raises:
+        ValueError: the merged state dict does not fit the plain UNet (keys named).
+    """
+    from diffusers import UNet2DConditionModel
+
+    from resalign_fast.models.lora import merged_state_dict
+
+    plain = UNet2DConditionModel.from_config(unet.config)
+    missing, unexpected = plain.load_state_dict(merged_state_dict(unet, values, space), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"state dict mismatch (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return plain.to(next(unet.parameters()).device)
+
+
+def exit_status(body: Callable[[], Optional[Path]], bad_input: tuple[type[BaseException], ...],
+                numerical: tuple[type[BaseException], ...] = ()) -> int:
+    """Run an entry point's `body` and map its outcome to the exit status.
+
+    Args:
+        body: does the work; returns the output folder (None: print no `done:` line, e.g. rank > 0).
+        bad_input, numerical: the exceptions that mean bad input (exit 2) or a numerical failure (3).
+
+    Returns:
+        0 after printing `done: <folder>`; 3 or 2 after printing one `error:` line on stderr. Other
+        exceptions (the SystemExit of --help) propagate.
+    """
+    try:
+        out = body()
+    except numerical as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except bad_input as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if out is not None:
+        print(f"done: {out}")
+    return 0
 
 
 def _save_lora(folder: Path, cfg: ResAlignConfig, unet) -> None:
