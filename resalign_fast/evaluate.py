@@ -210,8 +210,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(json.dumps(rounded(single(cfg, out)["metrics"]), indent=2))  # metrics.json keeps every digit
         return out
 
-    return exit_status(body, (ConfigError, DataError, DetectorError, FinetuneError, ModelError, RunError,
-                              FileNotFoundError, ValueError))
+    return exit_status(body, (ConfigError, DataError, DetectorError, FinetuneError, ModelError,
+                              RunError, FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":

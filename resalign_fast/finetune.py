@@ -39,7 +39,7 @@ from resalign_fast.runs import RunError, exit_status
 
 def _deepspeed_flag(p) -> None:
     p.add_argument("--deepspeed", default=None, metavar="JSON",
-                   help="DeepSpeed config: run the update with a DeepSpeed engine (docs/real_sd.md)")
+                   help="run the update with a DeepSpeed engine of this config (docs/real_sd.md)")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -55,8 +55,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             return run_deepspeed_finetune(cfg, ns.deepspeed)
         return run(cfg)
 
-    return exit_status(body, (ConfigError, DataError, FinetuneError, ModelError, RunError, FileNotFoundError),
-                       numerical=(FinetuneDiverged,))
+    bad_input = (ConfigError, DataError, FinetuneError, ModelError, RunError, FileNotFoundError)
+    return exit_status(body, bad_input, numerical=(FinetuneDiverged,))
 
 
 if __name__ == "__main__":

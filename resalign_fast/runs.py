@@ -1,4 +1,5 @@
-"""Run management shared by the entry points: device, data, sample grids, checkpoints, export."""
+"""Run management shared by the entry points: device, data, sample grids, checkpoints, export,
+exit status."""
 
 from __future__ import annotations
 
@@ -244,8 +245,9 @@ def export_run(out: Path, cfg: ResAlignConfig, model, algo) -> None:
     the export leaves no model/ (or the previous complete one), never a half-written one.
 
     Raises:
-        RunError: theta holds NaN/inf, or the merged UNet's weights or probe output are non-finite
-            or exploding (`models.health`); nothing is saved.
+        RunError: theta holds NaN/inf, or the merged state dict does not fit; nothing is saved.
+        ModelDiverged: the merged UNet's weights or probe output are non-finite or exploding
+            (`models.health`); nothing is saved.
     """
     from resalign_fast.models.health import UnhealthyModel, check_unet
     from resalign_fast.models.pipeline import save_model
@@ -271,7 +273,8 @@ def export_run(out: Path, cfg: ResAlignConfig, model, algo) -> None:
 
 def plain_unet(unet: torch.nn.Module, values=None, space=None) -> torch.nn.Module:
     """A plain diffusers UNet (no adapter) on unet's device holding unet's weights, with the LoRA
-    `values` of `space` (a `models.lora.ParamSpace`) merged in; values None: the weights as they are.
+    `values` of `space` (a `models.lora.ParamSpace`) merged in; values None: the weights as they
+    are.
 
     Raises:
         ValueError: the merged state dict does not fit the plain UNet (keys named).
@@ -281,9 +284,11 @@ def plain_unet(unet: torch.nn.Module, values=None, space=None) -> torch.nn.Modul
     from resalign_fast.models.lora import merged_state_dict
 
     plain = UNet2DConditionModel.from_config(unet.config)
-    missing, unexpected = plain.load_state_dict(merged_state_dict(unet, values, space), strict=False)
+    sd = merged_state_dict(unet, values, space)
+    missing, unexpected = plain.load_state_dict(sd, strict=False)
     if missing or unexpected:
-        raise ValueError(f"state dict mismatch (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise ValueError(f"state dict mismatch (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
     return plain.to(next(unet.parameters()).device)
 
 
@@ -293,7 +298,7 @@ def exit_status(body: Callable[[], Optional[Path]], bad_input: tuple[type[BaseEx
 
     Args:
         body: does the work; returns the output folder (None: print no `done:` line, e.g. rank > 0).
-        bad_input, numerical: the exceptions that mean bad input (exit 2) or a numerical failure (3).
+        bad_input, numerical: the exceptions meaning bad input (exit 2), a numerical failure (3).
 
     Returns:
         0 after printing `done: <folder>`; 3 or 2 after printing one `error:` line on stderr. Other

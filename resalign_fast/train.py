@@ -36,8 +36,8 @@ import torch
 from resalign_fast.config import ConfigError, ResAlignConfig, parse_config, to_toml
 from resalign_fast.distributed import DistContext
 from resalign_fast.runs import (ModelDiverged, RunError, check_resume_config, checkpoint_load, checkpoint_read, checkpoint_save,
-                                exit_status, export_run, folder_contents, load_data, lock_folder, pick_device,
-                                sample_grid, truncate_metrics, write_atomic)
+                                exit_status, export_run, folder_contents, load_data, lock_folder,
+                                pick_device, sample_grid, truncate_metrics, write_atomic)
 from resalign_fast.threads import set_threads
 
 log = logging.getLogger("resalign_fast.train")
@@ -227,8 +227,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         try:
             out = run(cfg, dist)
         except NumericalError as e:
-            raise RunFailed(f"{e}; the last checkpoint (if any) holds finite weights: fix the cause "
-                            "and --resume") from None
+            raise RunFailed(f"{e}; the last checkpoint (if any) holds finite weights: fix the "
+                            "cause and --resume") from None
         return out if dist.is_main else None  # one "done:" line, from rank 0
 
     try:

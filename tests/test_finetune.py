@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from resalign_fast.config import ConfigError, from_dict
 from resalign_fast.data.encoded import encode_set
-from resalign_fast.eval.downstream import FinetuneConfig, FinetuneError, load_prompt_images, make_batch
+from resalign_fast.eval.downstream import (FinetuneConfig, FinetuneError, load_prompt_images,
+                                           make_batch)
 from resalign_fast.eval.ft_run import finetune, save_finetuned
 from resalign_fast.models.pipeline import load_model
 

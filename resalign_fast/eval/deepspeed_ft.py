@@ -16,13 +16,14 @@ import torch
 import torch.distributed as dist
 
 from resalign_fast.config import ConfigError, parse_list, to_toml
-from resalign_fast.eval.downstream import (FinetuneDiverged, FinetuneError, make_batch, make_optimizer,
-                                           make_schedule, prepare_training, resolve_model_path,
-                                           training_step)
+from resalign_fast.eval.downstream import (FinetuneDiverged, FinetuneError, make_batch,
+                                           make_optimizer, make_schedule, prepare_training,
+                                           resolve_model_path, training_step)
 from resalign_fast.threads import set_threads
 
 # Keys filled from the finetune flags when a DeepSpeed config leaves them out or "auto".
-DS_FROM_FLAGS = {"train_micro_batch_size_per_gpu": "train_batch_size", "gradient_clipping": "max_grad_norm"}
+DS_FROM_FLAGS = {"train_micro_batch_size_per_gpu": "train_batch_size",
+                 "gradient_clipping": "max_grad_norm"}
 
 
 def load_ds_config(path: str | os.PathLike, cfg) -> dict:
@@ -48,7 +49,8 @@ def load_ds_config(path: str | os.PathLike, cfg) -> dict:
     for key in ("optimizer", "scheduler"):
         if key in ds:
             raise ConfigError(f"{p}: remove the '{key}' section: the finetune flags (--optimizer, "
-                              f"--learning_rate, --lr_scheduler, ...) define it, as without DeepSpeed")
+                              "--learning_rate, --lr_scheduler, ...) define it, as without "
+                              "DeepSpeed")
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2):
         raise ConfigError(f"{p}: zero_optimization.stage = {stage!r}: use 0, 1 or 2 "
@@ -67,7 +69,7 @@ def load_ds_config(path: str | os.PathLike, cfg) -> dict:
     if ds.get("train_batch_size", "auto") == "auto":
         ds.pop("train_batch_size", None)
     ds.setdefault("zero_allow_untested_optimizer", True)  # the client torch optimizer
-    ds.setdefault("zero_force_ds_cpu_optimizer", False)   # CPU offload with it, no DeepSpeedCPUAdam build
+    ds.setdefault("zero_force_ds_cpu_optimizer", False)  # CPU offload with it, no DeepSpeedCPUAdam
     ds.setdefault("steps_per_print", 10 ** 9)
     return ds
 
@@ -118,7 +120,8 @@ def run_deepspeed_finetune(cfg, ds_config: str | os.PathLike) -> Path:
 
     Raises:
         FinetuneError: DeepSpeed missing, autocast flags (use the DeepSpeed config's bf16/fp16
-            sections), an existing model/, or a non-finite loss. ConfigError: a bad DeepSpeed config.
+            sections), an existing model/, or a non-finite loss.
+        ConfigError: a bad DeepSpeed config.
     """
     from resalign_fast.eval.ft_run import check_output_dir, save_finetuned
     from resalign_fast.models.pipeline import load_model
@@ -127,15 +130,16 @@ def run_deepspeed_finetune(cfg, ds_config: str | os.PathLike) -> Path:
     try:
         import deepspeed
     except ImportError as e:
-        raise FinetuneError(f"--deepspeed needs DeepSpeed: `DS_BUILD_OPS=0 pip install deepspeed` ({e})") from None
+        raise FinetuneError(f"--deepspeed needs DeepSpeed: `DS_BUILD_OPS=0 pip install deepspeed` "
+                            f"({e})") from None
     ds = load_ds_config(ds_config, cfg)
     if cfg.mixed_precision != "no":
-        raise FinetuneError("--mixed_precision is autocast; with --deepspeed set \"bf16\" or \"fp16\" in "
-                            "the DeepSpeed config")
+        raise FinetuneError("--mixed_precision is autocast; with --deepspeed set \"bf16\" or "
+                            "\"fp16\" in the DeepSpeed config")
     out = Path(cfg.output_dir)
     if cfg.resume:
-        raise FinetuneError("--resume is not supported with --deepspeed (its checkpoints are DeepSpeed's); "
-                            "run without --deepspeed")
+        raise FinetuneError("--resume is not supported with --deepspeed (its checkpoints are "
+                            "DeepSpeed's); run without --deepspeed")
     check_output_dir(cfg)  # refuses an earlier run's folder
     saves = set(parse_list(cfg.checkpointing_steps, int, "checkpointing_steps"))
     set_threads(cfg.num_threads)
@@ -151,8 +155,9 @@ def run_deepspeed_finetune(cfg, ds_config: str | os.PathLike) -> Path:
         unet = model.unet
         train, prior, params = prepare_training(cfg, model, unet, device)
         opt = make_optimizer(cfg, params)
-        engine, _, _, sched = deepspeed.initialize(model=unet, optimizer=opt, model_parameters=params,
-                                                   lr_scheduler=make_schedule(cfg, opt), config=ds)
+        engine, _, _, sched = deepspeed.initialize(
+            model=unet, optimizer=opt, model_parameters=params,
+            lr_scheduler=make_schedule(cfg, opt), config=ds)
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.toml").write_text(to_toml(cfg))
@@ -164,7 +169,8 @@ def run_deepspeed_finetune(cfg, ds_config: str | os.PathLike) -> Path:
         try:
             for s in range(cfg.max_train_steps):
                 engine.train()
-                b = make_batch(train, prior, cfg.train_batch_size, model.scheduler, gen, cfg.random_flip)
+                b = make_batch(train, prior, cfg.train_batch_size, model.scheduler, gen,
+                               cfg.random_flip)
                 try:
                     rec = {"step": s + 1, **training_step(engine, b, update, cfg, dtype)}
                 except FinetuneDiverged as e:  # this path's exit status for it stays 2

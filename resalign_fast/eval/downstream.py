@@ -234,9 +234,10 @@ class TorchUpdate:
     """The backward pass and step of plain torch: clip, optimizer (through the GradScaler for fp16)
     and schedule step; what a DeepSpeed engine does instead is `eval.deepspeed_ft.EngineUpdate`."""
 
-    def __init__(self, opt: torch.optim.Optimizer, sched, params: list[torch.Tensor], max_grad_norm: float,
-                 scaler: Optional[torch.amp.GradScaler] = None):
-        self.opt, self.sched, self.params, self.max_grad_norm, self.scaler = opt, sched, params, max_grad_norm, scaler
+    def __init__(self, opt: torch.optim.Optimizer, sched, params: list[torch.Tensor],
+                 max_grad_norm: float, scaler: Optional[torch.amp.GradScaler] = None):
+        self.opt, self.sched, self.params = opt, sched, params
+        self.max_grad_norm, self.scaler = max_grad_norm, scaler
 
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
@@ -278,7 +279,9 @@ def training_step(unet: torch.nn.Module, batch: Batch, update, cfg: FinetuneConf
     dev = batch.x_t.device
     amp = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
     ctx = torch.autocast(dev.type, dtype=amp) if amp is not None else contextlib.nullcontext()
-    x_t, emb = (batch.x_t, batch.emb) if dtype is None else (batch.x_t.to(dtype), batch.emb.to(dtype))
+    x_t, emb = batch.x_t, batch.emb
+    if dtype is not None:
+        x_t, emb = x_t.to(dtype), emb.to(dtype)
     with ctx:
         pred = unet(x_t, batch.t, emb).sample
     pred = pred.float()
@@ -298,6 +301,6 @@ def training_step(unet: torch.nn.Module, batch: Batch, update, cfg: FinetuneConf
     return out
 
 
-__all__ = ["FinetuneConfig", "FinetuneError", "FinetuneDiverged", "Batch", "make_batch", "make_optimizer",
-           "make_schedule", "prepare_training", "TorchUpdate", "training_step", "resolve_model_path",
-           "load_prompt_images", "class_images"]
+__all__ = ["FinetuneConfig", "FinetuneError", "FinetuneDiverged", "Batch", "make_batch",
+           "make_optimizer", "make_schedule", "prepare_training", "TorchUpdate", "training_step",
+           "resolve_model_path", "load_prompt_images", "class_images"]

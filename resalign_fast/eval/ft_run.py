@@ -14,9 +14,10 @@ from typing import Callable, Optional
 import torch
 
 from resalign_fast.config import ConfigError, parse_list, to_toml
-from resalign_fast.eval.downstream import (FinetuneConfig, FinetuneDiverged, FinetuneError, TorchUpdate,
-                                           load_prompt_images, make_batch, make_optimizer, make_schedule,
-                                           prepare_training, resolve_model_path, training_step)
+from resalign_fast.eval.downstream import (FinetuneConfig, FinetuneDiverged, FinetuneError,
+                                           TorchUpdate, load_prompt_images, make_batch,
+                                           make_optimizer, make_schedule, prepare_training,
+                                           resolve_model_path, training_step)
 from resalign_fast.threads import set_threads
 
 log = logging.getLogger("resalign_fast.finetune")
@@ -29,7 +30,8 @@ Callback = Callable[[int, torch.nn.Module], None]
 
 @dataclass
 class FinetuneResult:
-    """unet: the fine-tuned UNet (with its LoRA adapter when algorithm is lora); log: one dict per step."""
+    """unet: the fine-tuned UNet (with its LoRA adapter when algorithm is lora); log: one dict per
+    step."""
 
     unet: torch.nn.Module
     log: list[dict]
@@ -37,16 +39,17 @@ class FinetuneResult:
     out_dir: Optional[Path] = None
 
 
-def finetune(cfg: FinetuneConfig, model, *, unet: Optional[torch.nn.Module] = None, callback: Optional[Callback] = None,
-             callback_steps: tuple[int, ...] = (), out_dir: Optional[Path] = None,
-             state: Optional[dict] = None) -> FinetuneResult:
+def finetune(cfg: FinetuneConfig, model, *, unet: Optional[torch.nn.Module] = None,
+             callback: Optional[Callback] = None, callback_steps: tuple[int, ...] = (),
+             out_dir: Optional[Path] = None, state: Optional[dict] = None) -> FinetuneResult:
     """Fine-tune `unet` (default: model.unet, changed in place) on cfg.train_data.
 
     Args:
         model: the `DiffusionModel` (text encoder, VAE, scheduler; its UNet unless `unet` is given).
         callback: called as callback(step, unet) after `step` optimizer steps for every step in
             `callback_steps` (0: before training); the UNet is in eval mode during the call.
-        out_dir: where log.jsonl, checkpoint folders and checkpoints/last.pt go (None: nothing is written).
+        out_dir: where log.jsonl, checkpoint folders and checkpoints/last.pt go (None: nothing is
+            written).
         state: a `read_state` result to continue from (--resume); log.jsonl is cut back to its step.
 
     Raises:
@@ -57,7 +60,8 @@ def finetune(cfg: FinetuneConfig, model, *, unet: Optional[torch.nn.Module] = No
     if cfg.mixed_precision == "fp16" and dev.type != "cuda":
         raise FinetuneError("--mixed_precision fp16 needs CUDA (use bf16 or no on the CPU)")
     train, prior, params = prepare_training(cfg, model, unet, dev)
-    opt, scaler = make_optimizer(cfg, params), (torch.amp.GradScaler("cuda") if cfg.mixed_precision == "fp16" else None)
+    opt = make_optimizer(cfg, params)
+    scaler = torch.amp.GradScaler("cuda") if cfg.mixed_precision == "fp16" else None
     sched = make_schedule(cfg, opt)
     update = TorchUpdate(opt, sched, params, cfg.max_grad_norm, scaler)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -66,7 +70,8 @@ def finetune(cfg: FinetuneConfig, model, *, unet: Optional[torch.nn.Module] = No
     if state is not None:
         start = _load_state(state, params, opt, sched, gen, scaler)
         if out_dir is not None and (out_dir / "log.jsonl").is_file():
-            records = [json.loads(x) for x in (out_dir / "log.jsonl").read_text().splitlines()[:start]]
+            lines = (out_dir / "log.jsonl").read_text().splitlines()[:start]
+            records = [json.loads(x) for x in lines]
     logf = None
     if out_dir is not None:
         from resalign_fast.runs import write_atomic
@@ -84,13 +89,15 @@ def finetune(cfg: FinetuneConfig, model, *, unet: Optional[torch.nn.Module] = No
             if s == cfg.max_train_steps:
                 break
             unet.train()
-            batch = make_batch(train, prior, cfg.train_batch_size, model.scheduler, gen, cfg.random_flip)
+            batch = make_batch(train, prior, cfg.train_batch_size, model.scheduler, gen,
+                               cfg.random_flip)
             rec = {"step": s + 1, **training_step(unet, batch, update, cfg)}
             records.append(rec)
             if logf is not None:
                 logf.write(json.dumps(rec) + "\n")
                 logf.flush()
-                if cfg.checkpoint_every and ((s + 1) % cfg.checkpoint_every == 0 or s + 1 == cfg.max_train_steps):
+                last = s + 1 == cfg.max_train_steps
+                if cfg.checkpoint_every and ((s + 1) % cfg.checkpoint_every == 0 or last):
                     save_state(out_dir, s + 1, params, opt, sched, gen, scaler, unet)
     finally:
         if logf is not None:
@@ -99,22 +106,25 @@ def finetune(cfg: FinetuneConfig, model, *, unet: Optional[torch.nn.Module] = No
     return FinetuneResult(unet, records, time.time() - t0, out_dir)
 
 
-def save_state(out_dir: Path, step: int, params: list[torch.Tensor], opt, sched, gen: torch.Generator, scaler,
-               unet: torch.nn.Module) -> None:
+def save_state(out_dir: Path, step: int, params: list[torch.Tensor], opt, sched,
+               gen: torch.Generator, scaler, unet: torch.nn.Module) -> None:
     """checkpoints/last.pt: the trainable weights, optimizer, schedule, batch RNG (and loss scaler)
-    after `step` steps, written to a temporary file and renamed. Non-finite weights are not saved."""
+    after `step` steps, written to a temporary file and renamed. Non-finite weights are not
+    saved."""
 
     from resalign_fast.models.health import UnhealthyModel, check_weights
 
     try:
         check_weights(unet)
     except UnhealthyModel as e:
-        raise FinetuneDiverged(f"step {step}: {e}; not checkpointed (try a smaller --learning_rate)") from None
+        raise FinetuneDiverged(f"step {step}: {e}; not checkpointed (try a smaller "
+                               "--learning_rate)") from None
     from resalign_fast.runs import save_atomic
 
-    save_atomic({"step": step, "params": [p.detach().cpu() for p in params], "opt": opt.state_dict(),
-                 "sched": sched.state_dict(), "gen": gen.get_state(),
-                 "scaler": scaler.state_dict() if scaler is not None else None}, out_dir / "checkpoints" / STATE)
+    save_atomic({"step": step, "params": [p.detach().cpu() for p in params],
+                 "opt": opt.state_dict(), "sched": sched.state_dict(), "gen": gen.get_state(),
+                 "scaler": scaler.state_dict() if scaler is not None else None},
+                out_dir / "checkpoints" / STATE)
 
 
 def read_state(out_dir: Path) -> Optional[dict]:
@@ -137,7 +147,8 @@ def read_state(out_dir: Path) -> Optional[dict]:
 
 
 def _load_state(st: dict, params, opt, sched, gen: torch.Generator, scaler) -> int:
-    if len(st["params"]) != len(params) or any(a.shape != b.shape for a, b in zip(st["params"], params)):
+    saved = st["params"]
+    if len(saved) != len(params) or any(a.shape != b.shape for a, b in zip(saved, params)):
         raise FinetuneError("--resume: checkpoints/last.pt does not match this model and algorithm")
     with torch.no_grad():
         for p, v in zip(params, st["params"]):
@@ -182,16 +193,20 @@ def save_finetuned(model, unet: torch.nn.Module, cfg: FinetuneConfig, out: Path)
             from safetensors.torch import save_file
 
             (tmp / "lora").mkdir(parents=True, exist_ok=True)
-            save_file({n: p.detach().contiguous().cpu() for n, p in zip(space.names, space.values())},
-                      str(tmp / "lora" / "adapter_model.safetensors"))
-            (tmp / "lora" / "adapter_config.json").write_text(json.dumps({"r": cfg.rank, "lora_alpha": cfg.lora_alpha or cfg.rank,
-                                                                          "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}))
-        save_model(model, tmp, unet=plain, extra={"resalign_fast_finetune": Path(cfg.output_dir).name})
+            weights = {n: p.detach().contiguous().cpu()
+                       for n, p in zip(space.names, space.values())}
+            save_file(weights, str(tmp / "lora" / "adapter_model.safetensors"))
+            (tmp / "lora" / "adapter_config.json").write_text(json.dumps(
+                {"r": cfg.rank, "lora_alpha": cfg.lora_alpha or cfg.rank,
+                 "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}))
+        save_model(model, tmp, unet=plain,
+                   extra={"resalign_fast_finetune": Path(cfg.output_dir).name})
     return out
 
 
 # settings a resumed finetune run may change (they do not shape the weights)
-RESUME_MAY_CHANGE = {"resume", "device", "num_threads", "checkpoint_every", "save_model", "output_dir"}
+RESUME_MAY_CHANGE = {"resume", "device", "num_threads", "checkpoint_every", "save_model",
+                     "output_dir"}
 
 
 def check_output_dir(cfg: FinetuneConfig) -> Optional[dict]:
@@ -211,15 +226,16 @@ def check_output_dir(cfg: FinetuneConfig) -> Optional[dict]:
     if out.exists() and not out.is_dir():
         raise FinetuneError(f"--output_dir {out}: exists and is not a folder")
     if (out / "model").exists():
-        raise FinetuneError(f"{out}/model exists: that run is finished; choose another --output_dir (nothing is overwritten)")
+        raise FinetuneError(f"{out}/model exists: that run is finished; choose another "
+                            "--output_dir (nothing is overwritten)")
     contents = folder_contents(out)
     if contents and not cfg.resume:
-        raise FinetuneError(f"{out} exists and is not empty ({', '.join(contents[:4])}): pass --resume to continue "
-                            f"that run, or choose another --output_dir")
+        raise FinetuneError(f"{out} exists and is not empty ({', '.join(contents[:4])}): pass "
+                            "--resume to continue that run, or choose another --output_dir")
     if not cfg.resume or not contents:
         return None
     st = read_state(out)
-    if st is None:  # nothing trained is kept: any settings may start over (config.toml is rewritten)
+    if st is None:  # nothing trained is kept: any settings may start over (config.toml rewritten)
         log.warning("--resume: no checkpoint in %s, starting from step 0", out / "checkpoints")
         return None
     if (out / "config.toml").is_file():
@@ -228,7 +244,8 @@ def check_output_dir(cfg: FinetuneConfig) -> Optional[dict]:
         except ConfigError as e:
             raise FinetuneError(f"--resume: {e}") from None
         now = dataclasses.asdict(cfg)
-        diff = sorted(k for k in set(saved) & set(now) if k not in RESUME_MAY_CHANGE and saved[k] != now[k])
+        diff = sorted(k for k in set(saved) & set(now)
+                      if k not in RESUME_MAY_CHANGE and saved[k] != now[k])
         if diff:
             raise FinetuneError(f"--resume: {out / 'config.toml'} was written with other settings ("
                                 + ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in diff) + ")")
@@ -236,8 +253,8 @@ def check_output_dir(cfg: FinetuneConfig) -> Optional[dict]:
 
 
 def run(cfg: FinetuneConfig) -> Path:
-    """The CLI run: load, fine-tune, write output_dir/{config.toml, log.jsonl, checkpoints/, model/};
-    returns output_dir. Nothing is written before the model and settings are checked."""
+    """The CLI run: load, fine-tune, write output_dir/{config.toml, log.jsonl, checkpoints/,
+    model/}; returns output_dir. Nothing is written before the model and settings are checked."""
     from resalign_fast.models.pipeline import load_model
     from resalign_fast.runs import folder_contents, lock_folder, pick_device, write_atomic
 
@@ -247,11 +264,13 @@ def run(cfg: FinetuneConfig) -> Path:
     parse_list(cfg.checkpointing_steps, int, "checkpointing_steps")
     device = pick_device(cfg.device)
     model = load_model(resolve_model_path(cfg.pretrained_model_name_or_path), device=device)
-    load_prompt_images(cfg.train_data, model, cfg.concept, cfg.data_seed)  # bad data: an error before anything is written
+    # bad data: an error before anything is written
+    load_prompt_images(cfg.train_data, model, cfg.concept, cfg.data_seed)
     lock = lock_folder(out)  # a second run into output_dir fails at once
     try:
         if folder_contents(out) and not cfg.resume:
-            raise FinetuneError(f"{out} was filled by another run meanwhile; choose another --output_dir")
+            raise FinetuneError(f"{out} was filled by another run meanwhile; choose another "
+                                "--output_dir")
         if state is None or not (out / "config.toml").is_file():  # a resumed run keeps its record
             write_atomic(out / "config.toml", to_toml(cfg))
         res = finetune(cfg, model, out_dir=out, state=state)
@@ -264,4 +283,5 @@ def run(cfg: FinetuneConfig) -> Path:
     return out
 
 
-__all__ = ["FinetuneResult", "finetune", "save_state", "read_state", "save_finetuned", "check_output_dir", "run"]
+__all__ = ["FinetuneResult", "finetune", "save_state", "read_state", "save_finetuned",
+           "check_output_dir", "run"]
