@@ -110,6 +110,20 @@ def folder_contents(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name != ".lock") if folder.is_dir() else []
 
 
+def changed_settings(saved_path: Path, cfg, may_change: set[str]) -> list[str]:
+    """The settings of `cfg` that differ from a run's saved config.toml, as "key: old -> new"
+    (sorted by key), leaving out those in `may_change`; [] when there is no such file.
+
+    Raises:
+        ConfigError: the file cannot be read as TOML.
+    """
+    if not saved_path.is_file():
+        return []  # killed before the run wrote anything: nothing to compare
+    saved, now = load_toml(saved_path), to_dict(cfg)
+    return [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in sorted(set(saved) & set(now))
+            if k not in may_change and saved[k] != now[k]]
+
+
 def check_resume_config(out: Path, cfg: ResAlignConfig) -> None:
     """--resume must continue the same run: settings that shape the weights may not change.
 
@@ -117,16 +131,12 @@ def check_resume_config(out: Path, cfg: ResAlignConfig) -> None:
         RunError: config.toml of the run differs in such a setting (named), or cannot be read.
     """
     saved_path = out / "config.toml"
-    if not saved_path.is_file():
-        return  # killed before the run wrote anything: nothing to compare
     try:
-        saved = load_toml(saved_path)
+        changed = changed_settings(saved_path, cfg, RESUME_MAY_CHANGE)
     except ConfigError as e:
         raise RunError(f"--resume: {e}") from None
-    now = to_dict(cfg)
-    diff = sorted(k for k in set(saved) & set(now) if k not in RESUME_MAY_CHANGE and saved[k] != now[k])
-    if diff:
-        changes = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in diff)
+    if changed:
+        changes = ", ".join(changed)
         raise RunError(f"--resume: {saved_path} was written with other settings ({changes}); "
                        f"resume with the same settings or start another --run_name")
 

@@ -3,7 +3,6 @@ the CLI run of `python -m resalign_fast.finetune` (the pieces it is made of: `ev
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -219,8 +218,7 @@ def check_output_dir(cfg: FinetuneConfig) -> Optional[dict]:
         FinetuneError: output_dir holds a finished run (model/), or an earlier run and no --resume,
             or --resume with other settings or a damaged checkpoint.
     """
-    from resalign_fast.config import load_toml
-    from resalign_fast.runs import folder_contents
+    from resalign_fast.runs import changed_settings, folder_contents
 
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
@@ -238,17 +236,13 @@ def check_output_dir(cfg: FinetuneConfig) -> Optional[dict]:
     if st is None:  # nothing trained is kept: any settings may start over (config.toml rewritten)
         log.warning("--resume: no checkpoint in %s, starting from step 0", out / "checkpoints")
         return None
-    if (out / "config.toml").is_file():
-        try:
-            saved = load_toml(out / "config.toml")
-        except ConfigError as e:
-            raise FinetuneError(f"--resume: {e}") from None
-        now = dataclasses.asdict(cfg)
-        diff = sorted(k for k in set(saved) & set(now)
-                      if k not in RESUME_MAY_CHANGE and saved[k] != now[k])
-        if diff:
-            raise FinetuneError(f"--resume: {out / 'config.toml'} was written with other settings ("
-                                + ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in diff) + ")")
+    try:
+        changed = changed_settings(out / "config.toml", cfg, RESUME_MAY_CHANGE)
+    except ConfigError as e:
+        raise FinetuneError(f"--resume: {e}") from None
+    if changed:
+        raise FinetuneError(f"--resume: {out / 'config.toml'} was written with other settings "
+                            f"({', '.join(changed)})")
     return st
 
 
