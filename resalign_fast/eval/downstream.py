@@ -18,7 +18,6 @@ engine's in `eval.deepspeed_ft`.
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +29,6 @@ import torch.nn.functional as F
 from resalign_fast.config import device_setting, setting, threads_setting
 from resalign_fast.data.encoded import EncodedSet, encode_set
 from resalign_fast.objectives import dreambooth_loss
-
-log = logging.getLogger("resalign_fast.finetune")
 
 
 class FinetuneError(RuntimeError):
