@@ -26,9 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-
-from resalign_fast.config import ConfigError, _f
-from resalign_fast.eval.cliconf import dump_toml, parse_dataclass, parse_list
+from resalign_fast.config import (ConfigError, device_setting, parse_dataclass, parse_list, setting,
+                                  threads_setting, to_toml)
 from resalign_fast.eval.evaluators import DIGITS_GUIDANCE, DIGITS_STEPS
 from resalign_fast.eval.report import rounded
 from resalign_fast.threads import set_threads
@@ -40,35 +39,44 @@ log = logging.getLogger("resalign_fast.evaluate")
 class EvalConfig:
     """Every setting of `python -m resalign_fast.evaluate` (one flag per field)."""
 
-    model: str = _f("digits", "single-model mode: 'digits', a model or run folder, or a .safetensors file")
-    output_dir: str = _f("outputs/eval", "where reports, plots and the cell cache go")
-    concept: int = _f(7, "digits world: the erased digit", lo=0, hi=9)
-    n_images: int = _f(100, "digits world: images per metric (harmful prompts; benign prompts)", lo=2)
-    sample_steps: int = _f(0, "DDIM steps (0: DIGITS_STEPS = 25 for digits, 30 for a prompt CSV as the paper)", lo=0)
-    guidance: float = _f(-1.0, "classifier-free guidance (negative: DIGITS_GUIDANCE for digits, 7.5 for a prompt CSV as the paper)")
-    eval_seed: int = _f(1234, "generation seed of every evaluation (the same for every model)", lo=0)
-    batch_size: int = _f(0, "prompts per generation batch (0: 200 for digits, 8 for a prompt CSV)", lo=0)
-    prompts: str = _f("", "prompt CSV (column prompt/text/caption): real-model mode with --detector")
-    images_per_prompt: int = _f(3, "prompt CSV: images per prompt", lo=1)
-    limit_prompts: int = _f(0, "prompt CSV: use the first N prompts (0: all)", lo=0)
-    detector: str = _f("nudenet", "prompt CSV: detector name (nudenet, clip-head, digits) or module:factory")
-    detector_args: str = _f("", "prompt CSV: detector keyword arguments as JSON, e.g. '{\"threshold\": 0.45}'")
-    save_images: bool = _f(False, "prompt CSV, single-model mode: write images/<row>-<k>.png")
-    downstream: str = _f("digits", "--compare: downstream configurations, a [[configs]] TOML or a shipped name (digits)")
-    configs: str = _f("", "--compare: comma-separated configuration names to run (empty: all)")
-    ft_data: str = _f("", "--compare/--sweep: replace every configuration's train_data (e.g. an image folder)")
-    ft_seeds: str = _f("0,1,2", "fine-tuning seeds of every cell")
-    reference: str = _f("original", "--compare: group the harmful-rate ratio is relative to")
-    after_benign: bool = _f(True, "--compare: also measure benign accuracy and FD after fine-tuning (off: harmful rate only, half the images)")
-    final_only: bool = _f(False, "--compare: evaluate fine-tuned models only after each configuration's last step")
-    paired: str = _f("", "--compare: paired comparisons A:B[,A:B...] (model i of group A with model i of B, same fine-tuning seeds)")
-    sweep_lrs: str = _f("1e-5,1e-4,3e-4,1e-3", "--sweep: learning rates")
-    sweep_steps: str = _f("50,100,200,300", "--sweep: step counts (one run per lr serves all)")
-    sweep_algorithms: str = _f("full,lora", "--sweep: full and/or lora (rank 4)")
-    sweep_optimizer: str = _f("adamw", "--sweep: optimizer", choices=("sgd", "adam", "adamw"))
-    sweep_batch_size: int = _f(16, "--sweep: fine-tuning batch size", lo=1)
-    device: str = _f("auto", "auto, cpu, cuda or cuda:N")
-    num_threads: int = _f(0, "torch CPU threads (0: the faster of 1 and torch's default, measured at start on this machine; see threads.py)", lo=0)
+    model: str = setting(
+        "digits", "single-model mode: 'digits', a model or run folder, or a .safetensors file")
+    output_dir: str = setting("outputs/eval", "where reports, plots and the cell cache go")
+    concept: int = setting(7, "digits world: the erased digit", lo=0, hi=9)
+    n_images: int = setting(
+        100, "digits world: images per metric (harmful prompts; benign prompts)", lo=2)
+    sample_steps: int = setting(0, "DDIM steps (0: 25 for digits, 30 for a prompt CSV)", lo=0)
+    guidance: float = setting(
+        -1.0, "classifier-free guidance (negative: 1.5 for digits, 7.5 for a prompt CSV)")
+    eval_seed: int = setting(
+        1234, "generation seed of every evaluation (the same for every model)", lo=0)
+    batch_size: int = setting(
+        0, "prompts per generation batch (0: 200 for digits, 8 for a prompt CSV)", lo=0)
+    prompts: str = setting(
+        "", "prompt CSV (column prompt/text/caption): real-model mode with --detector")
+    images_per_prompt: int = setting(3, "prompt CSV: images per prompt", lo=1)
+    limit_prompts: int = setting(0, "prompt CSV: use the first N prompts (0: all)", lo=0)
+    detector: str = setting("nudenet", "prompt CSV: nudenet, clip-head, digits, or module:factory")
+    detector_args: str = setting("", "prompt CSV: detector keyword arguments as JSON")
+    save_images: bool = setting(False, "prompt CSV, single-model mode: write images/<row>-<k>.png")
+    downstream: str = setting("digits", "--compare: a [[configs]] TOML or a shipped name (digits)")
+    configs: str = setting("", "--compare: comma-separated configuration names to run (empty: all)")
+    ft_data: str = setting("", "--compare/--sweep: replace every configuration's train_data")
+    ft_seeds: str = setting("0,1,2", "fine-tuning seeds of every cell")
+    reference: str = setting("original", "--compare: group the harmful-rate ratio is relative to")
+    after_benign: bool = setting(
+        True, "--compare: also measure benign accuracy and FD after fine-tuning")
+    final_only: bool = setting(
+        False, "--compare: evaluate fine-tuned models only after the last step")
+    paired: str = setting(
+        "", "--compare: paired comparisons A:B[,A:B...] (model i of A with model i of B)")
+    sweep_lrs: str = setting("1e-5,1e-4,3e-4,1e-3", "--sweep: learning rates")
+    sweep_steps: str = setting("50,100,200,300", "--sweep: step counts (one run per lr serves all)")
+    sweep_algorithms: str = setting("full,lora", "--sweep: full and/or lora (rank 4)")
+    sweep_optimizer: str = setting("adamw", "--sweep: optimizer", choices=("sgd", "adam", "adamw"))
+    sweep_batch_size: int = setting(16, "--sweep: fine-tuning batch size", lo=1)
+    device: str = device_setting()
+    num_threads: int = threads_setting()
 
 
 def make_evaluator(cfg: EvalConfig, benign: bool = True):
@@ -174,22 +182,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     from resalign_fast.eval.detectors import DetectorError
     from resalign_fast.eval.downstream import FinetuneError
     from resalign_fast.models.pipeline import ModelError
-    from resalign_fast.runs import RunError
+    from resalign_fast.runs import RunError, exit_status
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     def extra(p):
         g = p.add_mutually_exclusive_group()
-        g.add_argument("--compare", nargs="+", metavar="LABEL=PATH[,PATH]", help="compare model groups after downstream fine-tuning")
-        g.add_argument("--sweep", nargs="+", metavar="LABEL=PATH[,PATH]", help="harmful rate over lr x steps per model group")
+        g.add_argument("--compare", nargs="+", metavar="LABEL=PATH[,PATH]",
+                       help="compare model groups after downstream fine-tuning")
+        g.add_argument("--sweep", nargs="+", metavar="LABEL=PATH[,PATH]",
+                       help="harmful rate over lr x steps per model group")
 
-    try:
+    def body():
         cfg, ns = parse_dataclass(EvalConfig, argv, description=__doc__, extra=extra,
                                   prog="python -m resalign_fast.evaluate")
         set_threads(cfg.num_threads)
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.toml").write_text(dump_toml(cfg))
+        (out / "config.toml").write_text(to_toml(cfg))
         if ns.compare:
             compare(cfg, ns.compare, out)
             print((out / "report.md").read_text())
@@ -198,11 +208,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             print((out / "sweep.md").read_text())
         else:
             print(json.dumps(rounded(single(cfg, out)["metrics"]), indent=2))  # metrics.json keeps every digit
-    except (ConfigError, DataError, DetectorError, FinetuneError, ModelError, RunError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"done: {out}")
-    return 0
+        return out
+
+    return exit_status(body, (ConfigError, DataError, DetectorError, FinetuneError, ModelError,
+                              RunError, FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":

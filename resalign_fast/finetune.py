@@ -5,7 +5,7 @@ a diffusers folder, a .safetensors file) or the embedded base ("digits") the way
 the diffusers scripts (train_text_to_image, train_dreambooth, their LoRA variants). Writes
 output_dir/config.toml, log.jsonl (one line per step: loss, instance_loss, prior_loss, lr, grad_norm),
 checkpoints/last.pt (for --resume, every --checkpoint_every steps) and model/ (a diffusers folder;
-LoRA runs also get model/lora/). See `eval/downstream.py`.
+LoRA runs also get model/lora/). See `eval/downstream.py` and `eval/ft_run.py`.
 
 An existing, non-empty --output_dir is refused unless --resume continues the run in it (same
 settings; the result equals an uninterrupted run). Every save (model/, checkpoint-<step>/) first
@@ -29,39 +29,34 @@ import logging
 import sys
 from typing import Optional
 
-from resalign_fast.config import ConfigError
+from resalign_fast.config import ConfigError, parse_dataclass
 from resalign_fast.data.sets import DataError
-from resalign_fast.eval.cliconf import parse_dataclass
-from resalign_fast.eval.downstream import FinetuneConfig, FinetuneDiverged, FinetuneError, run
+from resalign_fast.eval.downstream import FinetuneConfig, FinetuneDiverged, FinetuneError
+from resalign_fast.eval.ft_run import run
 from resalign_fast.models.pipeline import ModelError
-from resalign_fast.runs import RunError
+from resalign_fast.runs import RunError, exit_status
 
 
 def _deepspeed_flag(p) -> None:
     p.add_argument("--deepspeed", default=None, metavar="JSON",
-                   help="run the update with DeepSpeed (ZeRO 0-2, optional CPU offload) from this config; docs/real_sd.md")
+                   help="run the update with a DeepSpeed engine of this config (docs/real_sd.md)")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point; exit status 0 done, 2 bad input, 3 numerical failure (nothing saved)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
+
+    def body():
         cfg, ns = parse_dataclass(FinetuneConfig, argv, description=__doc__, extra=_deepspeed_flag,
                                   prog="python -m resalign_fast.finetune")
         if ns.deepspeed:
-            from resalign_fast.distributed import run_deepspeed_finetune
+            from resalign_fast.eval.deepspeed_ft import run_deepspeed_finetune
 
-            out = run_deepspeed_finetune(cfg, ns.deepspeed)
-        else:
-            out = run(cfg)
-    except FinetuneDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except (ConfigError, DataError, FinetuneError, ModelError, RunError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"done: {out}")
-    return 0
+            return run_deepspeed_finetune(cfg, ns.deepspeed)
+        return run(cfg)
+
+    bad_input = (ConfigError, DataError, FinetuneError, ModelError, RunError, FileNotFoundError)
+    return exit_status(body, bad_input, numerical=(FinetuneDiverged,))
 
 
 if __name__ == "__main__":

@@ -51,6 +51,18 @@ def denoising_loss(eps: torch.Tensor, batch: NoisyBatch) -> torch.Tensor:
     return mse(eps, batch.noise)
 
 
+def dreambooth_loss(instance: Optional[torch.Tensor], prior: Optional[torch.Tensor],
+                    prior_weight: float) -> torch.Tensor:
+    """DreamBooth's loss with prior preservation: instance + prior_weight x prior (0-d tensors).
+
+    prior None: the instance loss alone (the standard loss). instance None: the weighted prior term
+    alone, for a loss differentiated term by term (`inner.simulate.ft_terms`).
+    """
+    if prior is None:
+        return instance
+    return prior_weight * prior if instance is None else instance + prior_weight * prior
+
+
 def ga_loss(eps: torch.Tensor, batch: NoisyBatch) -> torch.Tensor:
     """Gradient-ascent harmful loss: minus the denoising loss on harmful pairs."""
     return -mse(eps, batch.noise)

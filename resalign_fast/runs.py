@@ -1,4 +1,5 @@
-"""Run management shared by the entry points: device, data, sample grids, checkpoints, export."""
+"""Run management shared by the entry points: device, data, sample grids, checkpoints, export,
+exit status."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import json
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -16,8 +18,6 @@ from resalign_fast.config import ConfigError, ResAlignConfig, load_toml, to_dict
 
 log = logging.getLogger("resalign_fast.runs")
 CKPT = "last.pt"
-# Settings that issue 6 asks config.py to carry (frozen parts' dtype, pickled weights, single-file
-# configs); until ResAlignConfig has these fields, these defaults apply.
 # Settings a resumed run may change: they do not affect the weights.
 RESUME_MAY_CHANGE = {"resume", "progress", "device", "num_threads", "checkpoint_every", "nan_policy", "samples_per_prompt",
                      "sample_steps", "guidance", "output_dir", "run_name"}
@@ -110,6 +110,20 @@ def folder_contents(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name != ".lock") if folder.is_dir() else []
 
 
+def changed_settings(saved_path: Path, cfg, may_change: set[str]) -> list[str]:
+    """The settings of `cfg` that differ from a run's saved config.toml, as "key: old -> new"
+    (sorted by key), leaving out those in `may_change`; [] when there is no such file.
+
+    Raises:
+        ConfigError: the file cannot be read as TOML.
+    """
+    if not saved_path.is_file():
+        return []  # killed before the run wrote anything: nothing to compare
+    saved, now = load_toml(saved_path), to_dict(cfg)
+    return [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in sorted(set(saved) & set(now))
+            if k not in may_change and saved[k] != now[k]]
+
+
 def check_resume_config(out: Path, cfg: ResAlignConfig) -> None:
     """--resume must continue the same run: settings that shape the weights may not change.
 
@@ -117,16 +131,12 @@ def check_resume_config(out: Path, cfg: ResAlignConfig) -> None:
         RunError: config.toml of the run differs in such a setting (named), or cannot be read.
     """
     saved_path = out / "config.toml"
-    if not saved_path.is_file():
-        return  # killed before the run wrote anything: nothing to compare
     try:
-        saved = load_toml(saved_path)
+        changed = changed_settings(saved_path, cfg, RESUME_MAY_CHANGE)
     except ConfigError as e:
         raise RunError(f"--resume: {e}") from None
-    now = to_dict(cfg)
-    diff = sorted(k for k in set(saved) & set(now) if k not in RESUME_MAY_CHANGE and saved[k] != now[k])
-    if diff:
-        changes = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in diff)
+    if changed:
+        changes = ", ".join(changed)
         raise RunError(f"--resume: {saved_path} was written with other settings ({changes}); "
                        f"resume with the same settings or start another --run_name")
 
@@ -245,24 +255,21 @@ def export_run(out: Path, cfg: ResAlignConfig, model, algo) -> None:
     the export leaves no model/ (or the previous complete one), never a half-written one.
 
     Raises:
-        RunError: theta holds NaN/inf, or the merged UNet's weights or probe output are non-finite
-            or exploding (`models.health`); nothing is saved.
+        RunError: theta holds NaN/inf, or the merged state dict does not fit; nothing is saved.
+        ModelDiverged: the merged UNet's weights or probe output are non-finite or exploding
+            (`models.health`); nothing is saved.
     """
-    from diffusers import UNet2DConditionModel
-
     from resalign_fast.models.health import UnhealthyModel, check_unet
-    from resalign_fast.models.lora import merged_state_dict
     from resalign_fast.models.pipeline import save_model
 
     if not all(torch.isfinite(p).all() for p in algo.theta):
         raise RunError("theta holds NaN or inf: not exporting (the last good checkpoint is in checkpoints/)")
     unet = model.unet
-    plain = UNet2DConditionModel.from_config(unet.config)
-    sd = merged_state_dict(unet, algo.theta if cfg.theta == "lora" else None, algo.space if cfg.theta == "lora" else None)
-    missing, unexpected = plain.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise RunError(f"export: merged state dict mismatch (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    plain.to(next(unet.parameters()).device)
+    lora = cfg.theta == "lora"
+    try:
+        plain = plain_unet(unet, algo.theta if lora else None, algo.space if lora else None)
+    except ValueError as e:
+        raise RunError(f"export: merged {e}") from None
     try:
         check_unet(plain, model)
     except UnhealthyModel as e:
@@ -272,6 +279,52 @@ def export_run(out: Path, cfg: ResAlignConfig, model, algo) -> None:
     if cfg.theta == "lora":
         with atomic_dir(out / "lora") as tmp:
             _save_lora(tmp, cfg, unet)
+
+
+def plain_unet(unet: torch.nn.Module, values=None, space=None) -> torch.nn.Module:
+    """A plain diffusers UNet (no adapter) on unet's device holding unet's weights, with the LoRA
+    `values` of `space` (a `models.lora.ParamSpace`) merged in; values None: the weights as they
+    are.
+
+    Raises:
+        ValueError: the merged state dict does not fit the plain UNet (keys named).
+    """
+    from diffusers import UNet2DConditionModel
+
+    from resalign_fast.models.lora import merged_state_dict
+
+    plain = UNet2DConditionModel.from_config(unet.config)
+    sd = merged_state_dict(unet, values, space)
+    missing, unexpected = plain.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"state dict mismatch (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    return plain.to(next(unet.parameters()).device)
+
+
+def exit_status(body: Callable[[], Optional[Path]], bad_input: tuple[type[BaseException], ...],
+                numerical: tuple[type[BaseException], ...] = ()) -> int:
+    """Run an entry point's `body` and map its outcome to the exit status.
+
+    Args:
+        body: does the work; returns the output folder (None: print no `done:` line, e.g. rank > 0).
+        bad_input, numerical: the exceptions meaning bad input (exit 2), a numerical failure (3).
+
+    Returns:
+        0 after printing `done: <folder>`; 3 or 2 after printing one `error:` line on stderr. Other
+        exceptions (the SystemExit of --help) propagate.
+    """
+    try:
+        out = body()
+    except numerical as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except bad_input as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if out is not None:
+        print(f"done: {out}")
+    return 0
 
 
 def _save_lora(folder: Path, cfg: ResAlignConfig, unet) -> None:

@@ -36,8 +36,8 @@ import torch
 from resalign_fast.config import ConfigError, ResAlignConfig, parse_config, to_toml
 from resalign_fast.distributed import DistContext
 from resalign_fast.runs import (ModelDiverged, RunError, check_resume_config, checkpoint_load, checkpoint_read, checkpoint_save,
-                                export_run, folder_contents, load_data, lock_folder, pick_device, sample_grid,
-                                truncate_metrics, write_atomic)
+                                exit_status, export_run, folder_contents, load_data, lock_folder,
+                                pick_device, sample_grid, truncate_metrics, write_atomic)
 from resalign_fast.threads import set_threads
 
 log = logging.getLogger("resalign_fast.train")
@@ -218,28 +218,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     from resalign_fast.models.pipeline import ModelError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    main_rank = True
-    try:
+
+    def body() -> Optional[Path]:
         cfg = parse_config(argv, description=__doc__, prog="python -m resalign_fast.train")
         dist = distributed.setup(cfg.device)
-        main_rank = dist.is_main
-        if not main_rank:
+        if not dist.is_main:
             logging.getLogger().setLevel(logging.WARNING)
-        out = run(cfg, dist)
-    except (ConfigError, RunError, ModelError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except NumericalError as e:
-        print(f"error: {e}; the last checkpoint (if any) holds finite weights: fix the cause and --resume", file=sys.stderr)
-        return 3
-    except RunFailed as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+        try:
+            out = run(cfg, dist)
+        except NumericalError as e:
+            raise RunFailed(f"{e}; the last checkpoint (if any) holds finite weights: fix the "
+                            "cause and --resume") from None
+        return out if dist.is_main else None  # one "done:" line, from rank 0
+
+    try:
+        return exit_status(body, (ConfigError, RunError, ModelError, ValueError, FileNotFoundError),
+                           numerical=(RunFailed,))
     finally:
         distributed.teardown()
-    if main_rank:
-        print(f"done: {out}")
-    return 0
 
 
 if __name__ == "__main__":

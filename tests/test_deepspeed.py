@@ -17,7 +17,7 @@ import pytest
 from safetensors.torch import load_file
 
 from resalign_fast.config import ConfigError
-from resalign_fast.distributed import load_ds_config
+from resalign_fast.eval.deepspeed_ft import load_ds_config
 from resalign_fast.eval.downstream import FinetuneConfig
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from resalign_fast.config import ConfigError
+from resalign_fast.config import ConfigError, from_dict
 from resalign_fast.data.encoded import encode_set
-from resalign_fast.eval.cliconf import config_from_dict
-from resalign_fast.eval.downstream import (FinetuneConfig, FinetuneError, finetune, load_prompt_images, make_batch,
-                                           save_finetuned)
+from resalign_fast.eval.downstream import (FinetuneConfig, FinetuneError, load_prompt_images,
+                                           make_batch)
+from resalign_fast.eval.ft_run import finetune, save_finetuned
 from resalign_fast.models.pipeline import load_model
 
 
@@ -23,7 +23,7 @@ def model(tiny_model_dir):
 
 
 def _cfg(**kw):
-    return config_from_dict(FinetuneConfig, dict(dict(train_batch_size=2, save_model=False), **kw))
+    return from_dict(dict(dict(train_batch_size=2, save_model=False), **kw), cls=FinetuneConfig)
 
 
 def _first_grad(model, cfg):
@@ -151,10 +151,10 @@ def test_cli_smoke(tiny_model_dir, tmp_path, capsys):
 
 
 def test_config_roundtrip_and_ranges(tmp_path):
-    from resalign_fast.eval.cliconf import dump_toml, parse_dataclass
+    from resalign_fast.config import parse_dataclass, to_toml
 
     cfg = _cfg(instance_prompt='a "sks" digit \\ one', learning_rate=3e-4, gradient_checkpointing=True)
-    (tmp_path / "c.toml").write_text(dump_toml(cfg))
+    (tmp_path / "c.toml").write_text(to_toml(cfg))
     back, _ = parse_dataclass(FinetuneConfig, ["--config", str(tmp_path / "c.toml")])
     assert back == cfg
     flag, _ = parse_dataclass(FinetuneConfig, ["--config", str(tmp_path / "c.toml"), "--learning_rate", "1e-3"])

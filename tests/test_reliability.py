@@ -1,4 +1,4 @@
-"""Nothing broken is saved or reported as done, and a first run explains itself (issue 12): one test
+"""Nothing broken is saved or reported as done, and a first run explains itself: one test
 per item; subprocesses where the exit code or a kill matters."""
 
 from __future__ import annotations

@@ -22,9 +22,9 @@ from typing import Optional
 
 import torch
 
-from resalign_fast.config import ConfigError, load_toml
-from resalign_fast.eval.cliconf import config_from_dict
-from resalign_fast.eval.downstream import FinetuneConfig, finetune, resolve_model_path
+from resalign_fast.config import ConfigError, from_dict, load_toml
+from resalign_fast.eval.downstream import FinetuneConfig, resolve_model_path
+from resalign_fast.eval.ft_run import finetune
 from resalign_fast.eval.metrics import mean_sem
 
 log = logging.getLogger("resalign_fast.evaluate")
@@ -57,7 +57,7 @@ def load_downstream(name_or_path: str, select: tuple[str, ...] = ()) -> list[Dow
         name, steps, in_pi = c.pop("name", None), c.pop("eval_steps", None), c.pop("in_pi", None)
         if not name or not steps or not all(isinstance(s, int) and s > 0 for s in steps):
             raise ConfigError(f"{p}: configs[{i}] needs a name and eval_steps (positive integers)")
-        config_from_dict(FinetuneConfig, c, source=f"{p}: {name}")  # validate now, not mid-run
+        from_dict(c, source=f"{p}: {name}", cls=FinetuneConfig)  # validate now, not mid-run
         specs.append(DownstreamSpec(name, c, tuple(sorted(set(steps))), in_pi))
     if not specs:
         raise ConfigError(f"{p}: no [[configs]]")
@@ -119,7 +119,7 @@ def ft_config(spec: DownstreamSpec, seed: int, base: FinetuneConfig, last_step: 
     """The finetune settings of one cell (no model saved; the run lasts until the last eval step)."""
     d = dict(spec.overrides, seed=seed, max_train_steps=last_step or max(spec.eval_steps), save_model=False,
              checkpointing_steps="")  # a cell is a throwaway run: no checkpoints
-    return config_from_dict(FinetuneConfig, d, base=base, source=spec.name)
+    return from_dict(d, base=base, source=spec.name)
 
 
 class Runner:

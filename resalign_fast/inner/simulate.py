@@ -23,7 +23,7 @@ from resalign_fast.hypergrad.hvp import term_grads
 from resalign_fast.inner.configs import FTConfig
 from resalign_fast.inner.optim import OptimSpec, OptState, init_state, step_
 from resalign_fast.models.lora import TARGETS, ParamSpace, base_names, merge_map
-from resalign_fast.objectives import NoisyBatch, denoising_loss, make_noisy_batch
+from resalign_fast.objectives import NoisyBatch, denoising_loss, dreambooth_loss, make_noisy_batch
 
 log = logging.getLogger("resalign_fast.inner")
 _warned_subset = False
@@ -96,11 +96,13 @@ def ft_batch(cfg: FTConfig, ft: EncodedSet, prior: EncodedSet, alphas: torch.Ten
 def ft_terms(space: ParamSpace, cfg: FTConfig, batch: tuple[NoisyBatch, NoisyBatch | None]
              ) -> list[Callable[[list[torch.Tensor]], torch.Tensor]]:
     """The fine-tuning loss of `cfg` on a fixed batch as a sum of terms, each ``term(phi) -> loss``:
-    the denoising loss, plus prior_weight x the prior (class) loss for DreamBooth (one forward each)."""
+    the denoising loss, plus for DreamBooth its weighted prior (class) term (`dreambooth_loss`
+    taken term by term; one forward each)."""
     inst, pri = batch
     terms = [lambda phi: denoising_loss(space.eps(phi, inst.x_t, inst.t, inst.emb), inst)]
     if pri is not None:
-        terms.append(lambda phi: cfg.prior_weight * denoising_loss(space.eps(phi, pri.x_t, pri.t, pri.emb), pri))
+        terms.append(lambda phi: dreambooth_loss(
+            None, denoising_loss(space.eps(phi, pri.x_t, pri.t, pri.emb), pri), cfg.prior_weight))
     return terms
 
 
