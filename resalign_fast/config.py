@@ -139,8 +139,8 @@ class ResAlignConfig:
     offload_optimizer_state: bool = setting(
         False, "lean_full: keep the simulated optimizer's state in host memory")
     attention: str = setting(
-        "auto", "UNet attention: auto (lean: fused first order, chunked second order), math",
-        choices=("auto", "lean", "math"))
+        "auto", "UNet attention: auto/lean (fused first order, chunked second), chunked, math",
+        choices=("auto", "lean", "chunked", "math"))
     # run management
     checkpoint_every: int = setting(5, "write a resumable checkpoint every N outer steps", lo=1)
     resume: bool = setting(False, "continue from the run folder's last checkpoint")

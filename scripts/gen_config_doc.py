@@ -44,6 +44,10 @@ NOTES = {
             "Gradients and HVPs are summed term by term (an exact HVP rebuilds its graph per term)"
             " instead of holding both forward graphs at once (planner, SD v1.4 512 px, exact HVPs:"
             " 7.64 GiB instead of 13.47 GiB)."),
+        "attention": (
+            "`chunked`: chunked attention in every pass, O(N chunk) memory at every order (the "
+            "planner's `--attention chunked`); `lean` (= `auto`): fused SDPA in first-order "
+            "passes, chunked where a pass is differentiated twice (the planner's `fused`)."),
         "lean_full": (
             "Starting weights kept in host memory, optimizer step inside the backward pass, fd "
             "HVPs in place; needs hvp 'fd', plain (not proximal) steps, implicit or first_order "

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The resilience experiment of issue 3 on the embedded digits world, end to end:
+# The resilience experiment on the embedded digits world, end to end:
 #   1. unlearning runs: plain unlearning (lam = 0) and ResAlign (defaults), one per seed;
 #   2. `evaluate --compare`: original / plain / ResAlign, each fine-tuned downstream with every
 #      configuration of resalign_fast/eval/configs/downstream_digits.toml (2 inside pi(C), 4 outside)

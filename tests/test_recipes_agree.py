@@ -49,6 +49,7 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
 
 RECIPES = {
     "lean-exact": dict(attention="auto", hvp="exact"),
+    "chunked-exact": dict(attention="chunked", hvp="exact"),
     "lean-jvp": dict(attention="auto", hvp="jvp"),
     "lean-fd": dict(attention="auto", hvp="fd"),
     "lean-exact-ckpt": dict(attention="auto", hvp="exact", gradient_checkpointing=True),
