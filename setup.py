@@ -23,14 +23,20 @@ import os
 import re
 import sys
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
-CPU_SOURCES = ["bindings.cpp", "build_info.cpp", "richardson_step_cpu.cpp", "fd_hvp_cpu.cpp", "optim_step_cpu.cpp"]
+CPU_SOURCES = [
+    "bindings.cpp",
+    "build_info.cpp",
+    "richardson_step_cpu.cpp",
+    "fd_hvp_cpu.cpp",
+    "optim_step_cpu.cpp",
+]
 CUDA_SOURCES = ["richardson_step_cuda.cu", "fd_hvp_cuda.cu", "optim_step_cuda.cu"]
 # -ffp-contract=off / --fmad=false: no multiply-add fusion the source does not ask for, so the
 # kernels round exactly where the torch references round (fused_math.h asks for the fused ones).
@@ -91,21 +97,32 @@ def decide_build(
 
     if _on(env, "RESALIGN_FAST_NO_EXTENSIONS"):
         note = "RESALIGN_FAST_NO_EXTENSIONS=1"
-        return fail_or(f"{note} and RESALIGN_FAST_REQUIRE_EXTENSIONS=1 contradict each other",
-                       BuildPlan((), False, (f"{note}: pure-Python install",)), required)
+        return fail_or(
+            f"{note} and RESALIGN_FAST_REQUIRE_EXTENSIONS=1 contradict each other",
+            BuildPlan((), False, (f"{note}: pure-Python install",)),
+            required,
+        )
     if torch_version is None:
-        note = ("torch is not importable at build time: pure-Python install "
-                "(install torch first, then pip install --no-build-isolation .)")
+        note = (
+            "torch is not importable at build time: pure-Python install "
+            "(install torch first, then pip install --no-build-isolation .)"
+        )
         return fail_or(note, BuildPlan((), False, (note,)), required)
     forced = _on(env, "FORCE_CUDA") or bool(env.get("TORCH_CUDA_ARCH_LIST", "").strip())
     cpu_only = f"torch {torch_version}: C++ CPU kernels only"
     if torch_cuda is None:
         if forced:
-            note = f"CUDA requested (FORCE_CUDA/TORCH_CUDA_ARCH_LIST) but torch {torch_version} is a CPU build"
+            note = (
+                "CUDA requested (FORCE_CUDA/TORCH_CUDA_ARCH_LIST) but torch "
+                f"{torch_version} is a CPU build"
+            )
             return fail_or(note, BuildPlan(("cpu",), required, (note, cpu_only)), required)
         return BuildPlan(("cpu",), required, (f"{cpu_only} (a CPU build of torch)",))
     if not (cuda_available or forced):
-        why = f"CUDA {torch_cuda} build, no visible GPU, neither FORCE_CUDA=1 nor TORCH_CUDA_ARCH_LIST set"
+        why = (
+            f"CUDA {torch_cuda} build, no visible GPU, "
+            "neither FORCE_CUDA=1 nor TORCH_CUDA_ARCH_LIST set"
+        )
         return BuildPlan(("cpu",), required, (f"{cpu_only} ({why})",))
     if cuda_home is None:
         note = "CUDA wanted but no CUDA toolkit found (set CUDA_HOME)"
@@ -121,8 +138,12 @@ def _probe_torch() -> dict:
         from torch.utils.cpp_extension import CUDA_HOME
     except ImportError:
         return dict(torch_version=None, torch_cuda=None, cuda_available=False, cuda_home=None)
-    return dict(torch_version=torch.__version__, torch_cuda=torch.version.cuda,
-                cuda_available=torch.cuda.is_available(), cuda_home=CUDA_HOME)
+    return dict(
+        torch_version=torch.__version__,
+        torch_cuda=torch.version.cuda,
+        cuda_available=torch.cuda.is_available(),
+        cuda_home=CUDA_HOME,
+    )
 
 
 def make_extension(variant: str):
@@ -132,7 +153,11 @@ def make_extension(variant: str):
     csrc = ROOT / "csrc"
     common = dict(name="resalign_fast._C", include_dirs=[str(csrc)], extra_link_args=LINK_FLAGS)
     if variant == "cpu":
-        return CppExtension(sources=[f"csrc/{s}" for s in CPU_SOURCES], extra_compile_args={"cxx": CXX_FLAGS}, **common)
+        return CppExtension(
+            sources=[f"csrc/{s}" for s in CPU_SOURCES],
+            extra_compile_args={"cxx": CXX_FLAGS},
+            **common,
+        )
     return CUDAExtension(
         sources=[f"csrc/{s}" for s in CPU_SOURCES + CUDA_SOURCES],
         define_macros=[("RESALIGN_WITH_CUDA", None)],
@@ -200,8 +225,15 @@ def _cmdclass(plan: BuildPlan) -> dict:
                     if plan.required:
                         raise
                     nxt = plan.variants[i + 1] if i + 1 < len(plan.variants) else None
-                    then = f"trying the {nxt} variant" if nxt else "installing pure Python (ops fall back to torch)"
-                    warnings.warn(f"resalign_fast: building the {variant} extension failed ({exc}); {then}")
+                    then = (
+                        f"trying the {nxt} variant"
+                        if nxt
+                        else "installing pure Python (ops fall back to torch)"
+                    )
+                    warnings.warn(
+                        f"resalign_fast: building the {variant} extension failed ({exc}); {then}",
+                        stacklevel=2,
+                    )
             self.extensions = []
 
     return {"build_ext": BuildExt.with_options(use_ninja=True)}
@@ -221,16 +253,27 @@ def main() -> None:
         version=_version(),
         description="ResAlign: resilient safety unlearning for diffusion models, fast and lean",
         python_requires=">=3.11",
-        packages=find_packages(include=["resalign_fast", "resalign_fast.*"]) + ["resalign_fast.kernels"],
+        packages=find_packages(include=["resalign_fast", "resalign_fast.*"])
+        + ["resalign_fast.kernels"],
         package_dir={"resalign_fast.kernels": "kernels"},
         # Data shipped inside the package: model assets and the TOML run configurations.
-        package_data={"resalign_fast": [f"assets/**/*.{ext}" for ext in ("safetensors", "json", "txt", "csv")]
-                      + ["**/*.toml", "_C.pyi"]},
+        package_data={
+            "resalign_fast": [f"assets/**/*.{ext}" for ext in ("safetensors", "json", "txt", "csv")]
+            + ["**/*.toml", "_C.pyi"]
+        },
         include_package_data=False,
         # No torch pin: the README installs torch==2.13.0 (CPU) first; a pin here would make pip
         # fetch the CUDA build of another version.
-        install_requires=["torch", "numpy", "safetensors", "diffusers>=0.30", "transformers", "peft",
-                          "pillow", "scikit-learn"],
+        install_requires=[
+            "torch",
+            "numpy",
+            "safetensors",
+            "diffusers>=0.30",
+            "transformers",
+            "peft",
+            "pillow",
+            "scikit-learn",
+        ],
         extras_require={
             "gpu": ["triton", "xformers"],
             "deepspeed": ["deepspeed"],

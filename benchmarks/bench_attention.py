@@ -90,7 +90,7 @@ def _seconds(run, reps: int = 3) -> float:
     return sorted(times)[len(times) // 2]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference(workload: str) -> tuple[float, int]:
     run = _workload("math", workload)
     return _seconds(run), _peak_bytes(run)
@@ -110,7 +110,12 @@ def test_attention(benchmark, variant: str, workload: str):
     ref_seconds, ref_peak = _reference(workload)
     seconds, peak = _seconds(run), _peak_bytes(run)
     benchmark.extra_info.update(
-        shape=SHAPE, device=DEVICE, chunk=CHUNK, peak_bytes=peak, ref_peak_bytes=ref_peak,
-        peak_ratio_vs_ref=peak / ref_peak, time_ratio_vs_ref=seconds / ref_seconds,
+        shape=SHAPE,
+        device=DEVICE,
+        chunk=CHUNK,
+        peak_bytes=peak,
+        ref_peak_bytes=ref_peak,
+        peak_ratio_vs_ref=peak / ref_peak,
+        time_ratio_vs_ref=seconds / ref_seconds,
     )
     benchmark.pedantic(run, rounds=3, warmup_rounds=1)

@@ -41,11 +41,15 @@ def _algo(cfg: ResAlignConfig):
 
 def _cos(a, b) -> float:
     num = sum(float((x.double() * y.double()).sum()) for x, y in zip(a, b))
-    return num / math.sqrt(sum(float(x.double().square().sum()) for x in a) * sum(float(y.double().square().sum()) for y in b))
+    return num / math.sqrt(
+        sum(float(x.double().square().sum()) for x in a)
+        * sum(float(y.double().square().sum()) for y in b)
+    )
 
 
 def _step0_hypergrads(algo) -> list[list[torch.Tensor]]:
-    """Each configuration's hypergradient of outer step 0 (as `ResAlign.step` computes it, no update)."""
+    """Each configuration's hypergradient of outer step 0 (as `ResAlign.step` computes it, no
+    update)."""
     from resalign_fast.bilevel import config_generator
 
     cfg = algo.cfg
@@ -55,14 +59,21 @@ def _step0_hypergrads(algo) -> list[list[torch.Tensor]]:
     out = []
     for i, c in enumerate(configs):
         r = algo.config_hypergrad(c, direct, config_generator(cfg.seed, 0, i), slot=i)
-        out.append(None if r.fallback and cfg.solver == "cg" else [x.detach().clone() for x in r.grad])
+        out.append(
+            None if r.fallback and cfg.solver == "cg" else [x.detach().clone() for x in r.grad]
+        )
     return out
 
 
 def compare_guards(steps: int = STEPS) -> dict:
     base = ResAlignConfig(samples_per_prompt=0, progress=False)
-    cfgs = {"reference": dataclasses.replace(base, guard="reference"), "stable": base,
-            "converged": dataclasses.replace(base, guard="reference", solver="cg", iters=50, max_grad_norm=1e9)}
+    cfgs = {
+        "reference": dataclasses.replace(base, guard="reference"),
+        "stable": base,
+        "converged": dataclasses.replace(
+            base, guard="reference", solver="cg", iters=50, max_grad_norm=1e9
+        ),
+    }
     algos = {k: _algo(c) for k, c in cfgs.items()}
     exact = _step0_hypergrads(algos["converged"])
     rows = {}
@@ -70,8 +81,14 @@ def compare_guards(steps: int = STEPS) -> dict:
         algos[name].warm_vectors.clear()
         got = _step0_hypergrads(algos[name])
         algos[name].warm_vectors.clear()  # the timed steps start cold, as a run does
-        rows[name] = {"cosines": [None if b is None else round(_cos(a, b), 5) for a, b in zip(got, exact)], "seconds": [], "hvps": 0,
-                      "retries": 0, "fallbacks": 0, "configs": 0}
+        rows[name] = {
+            "cosines": [None if b is None else round(_cos(a, b), 5) for a, b in zip(got, exact)],
+            "seconds": [],
+            "hvps": 0,
+            "retries": 0,
+            "fallbacks": 0,
+            "configs": 0,
+        }
     for s in range(steps):
         for name in ("reference", "stable"):
             t0 = time.perf_counter()
@@ -95,8 +112,12 @@ def test_guard_speed_and_quality(benchmark):
     print(f"\ndefault digits run, {STEPS} outer steps per guard (k = 3 configurations each):")
     for name in ("reference", "stable"):
         r = rows[name]
-        print(f"  {name:9s}: {r['s_per_step']:.2f} s/step, {r['hvps_per_step']:.1f} HVPs/step, retries {r['retries']}, "
-              f"fallbacks {r['fallbacks']} of {r['configs']}; step-0 cosine vs converged solve {r['cosines']}")
+        print(
+            f"  {name:9s}: {r['s_per_step']:.2f} s/step, {r['hvps_per_step']:.1f} HVPs/step, "
+            f"retries {r['retries']}, "
+            f"fallbacks {r['fallbacks']} of {r['configs']}; step-0 cosine vs converged solve "
+            f"{r['cosines']}"
+        )
     print(f"  stable / reference speed: {rows['speedup']:.2f}x")
     benchmark.extra_info.update(rows)
     assert rows["stable"]["fallbacks"] <= rows["reference"]["fallbacks"]

@@ -35,7 +35,10 @@ GPU_CASES = [  # (recipe, configuration): chosen to span 4 to 50 GiB estimated
     (REFERENCE, "lora-sgd-standard"),
     (REFERENCE, "lora-adam-dreambooth"),
     (Recipe("fd/fused/ckpt", "fd", "fused", True), "full-adam-dreambooth"),
-    (Recipe("fd/fused/ckpt/lean-full", "fd", "fused", True, lean_full=True), "full-adam-dreambooth"),
+    (
+        Recipe("fd/fused/ckpt/lean-full", "fd", "fused", True, lean_full=True),
+        "full-adam-dreambooth",
+    ),
     (Recipe("exact/fused/no-ckpt", "exact", "fused", False), "full-sgd-standard"),
     (REFERENCE, "full-adam-standard"),
     (REFERENCE, "full-adam-dreambooth"),
@@ -45,14 +48,21 @@ GPU_CASES = [  # (recipe, configuration): chosen to span 4 to 50 GiB estimated
 def test_trace_time_sd_v1_4(benchmark):
     est = Estimator("sd-v1-4", StepShape(), target="cuda")
     recipe = Recipe("fd/fused/ckpt", "fd", "fused", True)
-    out = benchmark.pedantic(lambda: est.run(recipe, CONFIGS["lora-sgd-standard"]), rounds=1, iterations=1)
+    out = benchmark.pedantic(
+        lambda: est.run(recipe, CONFIGS["lora-sgd-standard"]), rounds=1, iterations=1
+    )
     benchmark.extra_info.update({"estimate_gib": out.peak / 2**30, "trace_seconds": out.seconds})
-    print(f"\nSD v1.4 512 px fd/fused/ckpt lora-sgd-standard: {out.peak / 2**30:.2f} GiB, traced in {out.seconds:.1f} s")
+    print(
+        f"\nSD v1.4 512 px fd/fused/ckpt lora-sgd-standard: {out.peak / 2**30:.2f} GiB, traced in "
+        f"{out.seconds:.1f} s"
+    )
     assert out.peak is not None
 
 
-@pytest.mark.parametrize("recipe,config", [(REFERENCE, "lora-sgd-standard"),
-                                           (Recipe("fd", "fd", "fused", True), "full-adam-standard")])
+@pytest.mark.parametrize(
+    "recipe,config",
+    [(REFERENCE, "lora-sgd-standard"), (Recipe("fd", "fd", "fused", True), "full-adam-standard")],
+)
 def test_estimate_vs_cpu_allocator_tiny(benchmark, recipe, config):
     spec, shape = MODELS["tiny"], StepShape(resolution=16, batch=2, iters=3)
     est = Estimator(spec, shape, block=1, target="cpu")
@@ -60,12 +70,16 @@ def test_estimate_vs_cpu_allocator_tiny(benchmark, recipe, config):
     m = measure(build_unet(spec), spec, recipe, CONFIGS[config], shape)
     ratio = e.peak / m["allocator"]
     benchmark.extra_info.update({"estimate": e.peak, "measured": m["allocator"], "ratio": ratio})
-    print(f"\ntiny {recipe.name} {config}: estimate {e.peak} B, measured {m['allocator']} B, ratio {ratio:.3f}")
+    print(
+        f"\ntiny {recipe.name} {config}: estimate {e.peak} B, measured {m['allocator']} B, ratio "
+        f"{ratio:.3f}"
+    )
     assert 0.85 <= ratio <= 1.15
 
 
-def gpu_check(cases=GPU_CASES, shape: StepShape = StepShape(), model: str = "sd-v1-4",
-              estimate: bool = True) -> list[dict]:
+def gpu_check(
+    cases=GPU_CASES, shape: StepShape = StepShape(), model: str = "sd-v1-4", estimate: bool = True
+) -> list[dict]:
     """Measure the trainer's real outer steps on the GPU next to their estimates (see module doc).
 
     Args:
@@ -92,17 +106,30 @@ def gpu_check(cases=GPU_CASES, shape: StepShape = StepShape(), model: str = "sd-
             with torch.device(dev):
                 unet = build_unet(spec)  # a fresh one: the trainer adds its adapter to it
             with reference_ops():
-                trainer_step(build_trainer(unet, spec, recipe, CONFIGS[name], shape, device=dev.type))
+                trainer_step(
+                    build_trainer(unet, spec, recipe, CONFIGS[name], shape, device=dev.type)
+                )
             if cuda:
                 torch.cuda.synchronize()
         except Exception as ex:  # an out-of-memory or unsupported case is a row, not a crash
             err = f"{type(ex).__name__}: {str(ex).splitlines()[0][:160]}"
         unet = None
         measured = torch.cuda.max_memory_allocated() if cuda else 0
-        rows.append({"recipe": recipe.name, "config": name, "estimate": e and e.peak,
-                     "measured": measured, "reserved": torch.cuda.max_memory_reserved() if cuda else 0,
-                     "start": start, "seconds": round(time.perf_counter() - t0, 2), "error": err,
-                     "ratio": round(e.peak / measured, 4) if e and e.peak and measured and not err else None})
+        rows.append(
+            {
+                "recipe": recipe.name,
+                "config": name,
+                "estimate": e and e.peak,
+                "measured": measured,
+                "reserved": torch.cuda.max_memory_reserved() if cuda else 0,
+                "start": start,
+                "seconds": round(time.perf_counter() - t0, 2),
+                "error": err,
+                "ratio": round(e.peak / measured, 4)
+                if e and e.peak and measured and not err
+                else None,
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -111,12 +138,17 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gpu", action="store_true", help="measure SD v1.4 outer steps on the GPU")
     ap.add_argument("--out", default="", help="write the rows as JSON here")
-    ap.add_argument("--no-estimate", action="store_true", help="measure only (compare with a saved planner run)")
+    ap.add_argument(
+        "--no-estimate", action="store_true", help="measure only (compare with a saved planner run)"
+    )
     a = ap.parse_args()
     if not a.gpu or not torch.cuda.is_available():
         raise SystemExit("--gpu needs a CUDA device; the CPU benchmarks run under pytest")
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "rows": gpu_check(estimate=not a.no_estimate)}
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "rows": gpu_check(estimate=not a.no_estimate),
+    }
     if a.out:
         with open(a.out, "w") as f:
             json.dump(result, f, indent=1)

@@ -41,7 +41,11 @@ def build(model: str, device: str, seed: int = 0):
     t = torch.tensor([500], device=device)
 
     def loss():
-        return (unet(x + noise, t, encoder_hidden_states=emb, return_dict=False)[0] - noise).square().mean()
+        return (
+            (unet(x + noise, t, encoder_hidden_states=emb, return_dict=False)[0] - noise)
+            .square()
+            .mean()
+        )
 
     return unet, [p for p in unet.parameters()], loss
 
@@ -52,8 +56,8 @@ def one_run(params, start, loss, steps: int, offload: bool, track: bool = False,
     picks one of the two (the time of a tracked run and the peak of an untracked one are 0)."""
     from resalign_fast.inner.inplace import simulate_inplace
     from resalign_fast.inner.optim import OptimSpec
-    from resalign_fast.memplan.trainer import host_allocations
     from resalign_fast.memplan.tracker import StorageTracker
+    from resalign_fast.memplan.trainer import host_allocations
 
     with torch.no_grad():
         for p, w in zip(params, start):
@@ -85,10 +89,12 @@ def one_run(params, start, loss, steps: int, offload: bool, track: bool = False,
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="sd-small", choices=sorted(MODELS))
     ap.add_argument("--steps", type=int, default=3, help="simulated Adam steps per run")
-    ap.add_argument("--reps", type=int, default=5, help="runs of each (alternating), after one warm-up each")
+    ap.add_argument(
+        "--reps", type=int, default=5, help="runs of each (alternating), after one warm-up each"
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = ap.parse_args(argv)
     unet, params, loss = build(a.model, a.device)
@@ -105,17 +111,25 @@ def main(argv=None) -> int:
             if rep == 0:
                 peaks[off], finals[off] = peak, final
             else:
-                assert all(torch.equal(x, y) for x, y in zip(final, finals[off])), "a run is not reproducible"
+                assert all(torch.equal(x, y) for x, y in zip(final, finals[off])), (
+                    "a run is not reproducible"
+                )
     same = all(torch.equal(x, y) for x, y in zip(finals[True], finals[False]))
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"offload_optimizer_state: {a.model} UNet ({n / 1e6:.1f}M parameters) on {a.device}, Adam, "
-          f"{a.steps} steps per run, {a.reps} runs each (alternating), medians")
+    print(
+        f"offload_optimizer_state: {a.model} UNet ({n / 1e6:.1f}M parameters) on {a.device}, Adam, "
+        f"{a.steps} steps per run, {a.reps} runs each (alternating), medians"
+    )
     print("| optimizer state | s / simulated step (min-max) | peak MiB |\n|---|---|---|")
     for off in (False, True):
-        print(f"| {'host (offloaded)' if off else 'device'} | {med[off]:.3f} ({min(times[off]):.3f}-"
-              f"{max(times[off]):.3f}) | {peaks[off] / 2**20:.1f} |")
-    print(f"time ratio offloaded / on device: {med[True] / med[False]:.3f}; peak ratio "
-          f"{peaks[True] / peaks[False]:.3f}; trajectories bit-identical: {same}")
+        print(
+            f"| {'host (offloaded)' if off else 'device'} | {med[off]:.3f} ({min(times[off]):.3f}-"
+            f"{max(times[off]):.3f}) | {peaks[off] / 2**20:.1f} |"
+        )
+    print(
+        f"time ratio offloaded / on device: {med[True] / med[False]:.3f}; peak ratio "
+        f"{peaks[True] / peaks[False]:.3f}; trajectories bit-identical: {same}"
+    )
     return 0 if same else 1
 
 

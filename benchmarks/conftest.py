@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -86,8 +86,14 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int:
 def measure(benchmark):
     """measure(fused, ref, device, n, bytes_moved, rounds=5): benchmark `fused`, time `ref` too."""
 
-    def run(fused: Callable[[], object], ref: Callable[[], object], device: torch.device, n: int,
-            bytes_moved: int, rounds: int = 5) -> dict:
+    def run(
+        fused: Callable[[], object],
+        ref: Callable[[], object],
+        device: torch.device,
+        n: int,
+        bytes_moved: int,
+        rounds: int = 5,
+    ) -> dict:
         ref_s = best_seconds(ref, device, rounds)
         ref_peak = peak_extra_bytes(ref, device)
         peak = peak_extra_bytes(fused, device)
@@ -99,15 +105,23 @@ def measure(benchmark):
         benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=1)
         seconds = benchmark.stats.stats.min
         info = {
-            "device": str(device), "threads": torch.get_num_threads(), "n": n,
-            "elements_per_s": n / seconds, "gb_per_s": bytes_moved / seconds / 1e9,
-            "peak_extra_bytes": peak, "ref_seconds": ref_s, "ref_peak_extra_bytes": ref_peak,
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+            "n": n,
+            "elements_per_s": n / seconds,
+            "gb_per_s": bytes_moved / seconds / 1e9,
+            "peak_extra_bytes": peak,
+            "ref_seconds": ref_s,
+            "ref_peak_extra_bytes": ref_peak,
             "speedup_vs_ref": ref_s / seconds,
         }
         benchmark.extra_info.update(info)
-        print(f"\n{benchmark.name}: {seconds * 1e3:.2f} ms, {info['gb_per_s']:.1f} GB/s, "
-              f"peak +{peak / 2**20:.0f} MiB | ref {ref_s * 1e3:.2f} ms, peak +{ref_peak / 2**20:.0f} MiB | "
-              f"speedup {info['speedup_vs_ref']:.2f}x")
+        print(
+            f"\n{benchmark.name}: {seconds * 1e3:.2f} ms, {info['gb_per_s']:.1f} GB/s, "
+            f"peak +{peak / 2**20:.0f} MiB | ref {ref_s * 1e3:.2f} ms, peak "
+            f"+{ref_peak / 2**20:.0f} MiB | "
+            f"speedup {info['speedup_vs_ref']:.2f}x"
+        )
         return info
 
     return run

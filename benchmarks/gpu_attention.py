@@ -1,7 +1,8 @@
 """Attention variants at Stable Diffusion v1.4 shapes on a CUDA device: a markdown table.
 
     python benchmarks/gpu_attention.py [--dtype float32 bfloat16] [--chunks 256 4096] [--reps 3]
-    TRITON_INTERPRET=1 python benchmarks/gpu_attention.py --device cpu --batch 1 --heads 2 --tokens 64 \
+    TRITON_INTERPRET=1 python benchmarks/gpu_attention.py --device cpu --batch 1 --heads 2 --tokens
+    64 \
         --text 7 --head-dim 16 --chunk 32 --chunks 16 --reps 1            (the CPU rehearsal)
 
 Rows: math (attention_ref), chunked, sdpa (PyTorch's fused kernels), triton; workloads: forward+
@@ -37,7 +38,12 @@ WORKLOADS = {"fwd_bwd": 1, "hvp_rr": 2, "hvp_fwd": 2}
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: the rehearsal of gpu_check.sh")
+    p.add_argument(
+        "--device",
+        default="cuda",
+        choices=("cuda", "cpu"),
+        help="cpu: the rehearsal of gpu_check.sh",
+    )
     p.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], help="input dtypes")
     p.add_argument("--batch", type=int, default=2, help="B")
     p.add_argument("--heads", type=int, default=8, help="attention heads")
@@ -46,15 +52,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--head-dim", type=int, default=40, help="D")
     p.add_argument("--reps", type=int, default=3, help="timed runs per cell (median)")
     p.add_argument("--chunk", type=int, default=1024, help="query rows per chunk (chunked, triton)")
-    p.add_argument("--chunks", type=int, nargs="*", default=[256, 4096],
-                   help="also time chunked hvp_rr at these chunk sizes (self-attention, first dtype; "
-                        "--chunk is in the main table)")
+    p.add_argument(
+        "--chunks",
+        type=int,
+        nargs="*",
+        default=[256, 4096],
+        help="also time chunked hvp_rr at these chunk sizes (self-attention, first dtype; "
+        "--chunk is in the main table)",
+    )
     return p.parse_args(argv)
 
 
 def shapes(a: argparse.Namespace) -> dict[str, tuple[int, int, int, int, int]]:
     n, t = a.tokens, a.text
-    return {f"self N={n}": (a.batch, a.heads, n, n, a.head_dim), f"cross {n}x{t}": (a.batch, a.heads, n, t, a.head_dim)}
+    return {
+        f"self N={n}": (a.batch, a.heads, n, n, a.head_dim),
+        f"cross {n}x{t}": (a.batch, a.heads, n, t, a.head_dim),
+    }
 
 
 def _loss(fn, q, k, v):
@@ -108,31 +122,49 @@ def main(argv=None) -> int:
     if args.reps < 1:
         raise SystemExit("--reps must be >= 1")
     if dev == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("gpu_attention.py needs a CUDA device (--device cpu for the CPU rehearsal)")
-    where = torch.cuda.get_device_name() if dev == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+        raise SystemExit(
+            "gpu_attention.py needs a CUDA device (--device cpu for the CPU rehearsal)"
+        )
+    where = (
+        torch.cuda.get_device_name()
+        if dev == "cuda"
+        else f"CPU ({torch.get_num_threads()} threads)"
+    )
     mib = ".0f" if dev == "cuda" else ".3f"
     print(f"{where}, torch {torch.__version__}, chunk {args.chunk}, {args.reps} reps\n")
-    print("| shape | dtype | variant | " + " | ".join(f"{w} ms | {w} MiB" for w in WORKLOADS) + " |")
+    print(
+        "| shape | dtype | variant | " + " | ".join(f"{w} ms | {w} MiB" for w in WORKLOADS) + " |"
+    )
     print("|---|---|---|" + "---:|---:|" * len(WORKLOADS), flush=True)
     g = torch.Generator(device=dev).manual_seed(0)
     notes: list[str] = []
     for shape_name, (b, h, nq, nk, d) in shapes(args).items():
         for dtype in (getattr(torch, name) for name in args.dtype):
-            q, k, v = (torch.randn(b, h, n, d, device=dev, generator=g, dtype=dtype) for n in (nq, nk, nk))
+            q, k, v = (
+                torch.randn(b, h, n, d, device=dev, generator=g, dtype=dtype) for n in (nq, nk, nk)
+            )
             t = tuple(torch.randn_like(x) for x in (q, k, v))
             for variant in VARIANTS:
                 cells = []
                 for workload, order in WORKLOADS.items():
-                    reasons = [] if variant == "math" else not_supported_reasons(
-                        variant, q, k, v, order=order)
+                    reasons = (
+                        []
+                        if variant == "math"
+                        else not_supported_reasons(variant, q, k, v, order=order)
+                    )
                     if reasons:
                         note = "; ".join(reasons)
                         if note not in notes:
                             notes.append(note)
                         cells.append(f"n/a [{notes.index(note) + 1}] | n/a")
                         continue
-                    fn = attention_ref if variant == "math" else functools.partial(
-                        attention, backend=variant, order=order, chunk=args.chunk)
+                    fn = (
+                        attention_ref
+                        if variant == "math"
+                        else functools.partial(
+                            attention, backend=variant, order=order, chunk=args.chunk
+                        )
+                    )
                     ms, peak = measure(make_run(fn, workload, q, k, v, t), args.reps, dev)
                     cells.append(f"{ms:.2f} | {peak:{mib}}")
                 row = f"| {shape_name} | {str(dtype)[6:]} | {variant} | " + " | ".join(cells) + " |"
@@ -144,9 +176,14 @@ def main(argv=None) -> int:
     if args.chunks:
         b, h, nq, nk, d = next(iter(shapes(args).values()))
         dtype = getattr(torch, args.dtype[0])
-        q, k, v = (torch.randn(b, h, n, d, device=dev, generator=g, dtype=dtype) for n in (nq, nk, nk))
+        q, k, v = (
+            torch.randn(b, h, n, d, device=dev, generator=g, dtype=dtype) for n in (nq, nk, nk)
+        )
         t = tuple(torch.randn_like(x) for x in (q, k, v))
-        print(f"\nchunked hvp_rr, self N={nq}, {str(dtype)[6:]}\n\n| chunk | ms | MiB |\n|---:|---:|---:|")
+        print(
+            f"\nchunked hvp_rr, self N={nq}, {str(dtype)[6:]}\n\n| chunk | ms | MiB "
+            f"|\n|---:|---:|---:|"
+        )
         for chunk in args.chunks:
             fn = functools.partial(attention, backend="chunked", order=2, chunk=chunk)
             ms, peak = measure(make_run(fn, "hvp_rr", q, k, v, t), args.reps, dev)

@@ -2,7 +2,8 @@
 memory planner's estimate of the same step. Part of benchmarks/gpu_check.sh.
 
     python benchmarks/gpu_outer_step.py [--resolution 64] [--algorithms lora full] [--recipes ...]
-    python benchmarks/gpu_outer_step.py --device cpu --model small --resolution 8 --plan-jobs 1 --plan-first
+    python benchmarks/gpu_outer_step.py --device cpu --model small --resolution 8 \\
+        --plan-jobs 1 --plan-first
                                                                           (the CPU rehearsal)
 
 Random-initialised SD v1.4 UNet (860M parameters), 64x64 latents (512 px), batch 1, rank-4 LoRA on
@@ -47,17 +48,30 @@ import torch
 T0 = time.perf_counter()
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import outer_step  # noqa: E402
-from outer_step import RECIPES, SD14_UNET, SD_SMALL_UNET, cuda_peak, ft_space_file, prepare, run_step  # noqa: E402
+from outer_step import (  # noqa: E402
+    RECIPES,
+    SD14_UNET,
+    SD_SMALL_UNET,
+    cuda_peak,
+    ft_space_file,
+    prepare,
+    run_step,
+)  # noqa: E402
 
 # The trainer's in-place path for full-parameter configurations (config field lean_full: the
 # starting weights in host memory, the optimizer step inside the backward pass, in-place fd HVPs).
 # For LoRA configurations it changes nothing (it is lean-fd-ckpt), so it runs for full ones only.
-RECIPES.setdefault("lean-fd-ckpt-full", dict(attention="auto", hvp="fd", gradient_checkpointing=True, lean_full=True))
+RECIPES.setdefault(
+    "lean-fd-ckpt-full",
+    dict(attention="auto", hvp="fd", gradient_checkpointing=True, lean_full=True),
+)
 FULL_ONLY = ("lean-fd-ckpt-full",)
 # in order of interest: --budget drops the last ones first
 DEFAULT_RECIPES = ["reference", "lean-fd", "lean-fd-ckpt-full", "lean-fd-ckpt", "lean-exact-ckpt"]
-MODELS = {"sd14": ("SD v1.4-shaped UNet", SD14_UNET), "small": ("SD-structured small UNet (outer_step.SD_SMALL_UNET)",
-                                                               SD_SMALL_UNET)}
+MODELS = {
+    "sd14": ("SD v1.4-shaped UNet", SD14_UNET),
+    "small": ("SD-structured small UNet (outer_step.SD_SMALL_UNET)", SD_SMALL_UNET),
+}
 TEXT_LEN = 77  # outer_step.build_model's prompt length
 MIB = 2**20
 
@@ -78,10 +92,13 @@ class FreshUNets:
         self.build = outer_step.build_model
 
     def prebuild(self, unet_config: dict, seed: int = 0, text_len: int = TEXT_LEN) -> tuple:
-        """The CPU-built model and the CPU generator's state after building it (built on first use)."""
+        """The CPU-built model and the CPU generator's state after building it (built on first
+        use)."""
         key = (repr(sorted(unet_config.items())), seed, text_len)
         if key not in self.base:
-            model = self.build(unet_config, seed, text_len)  # seeds every generator, then draws on the CPU one
+            model = self.build(
+                unet_config, seed, text_len
+            )  # seeds every generator, then draws on the CPU one
             self.base[key] = (model, torch.get_rng_state())
         return self.base[key]
 
@@ -102,11 +119,11 @@ class FreshUNets:
 
 
 def cpu_peak_host(algo, fn):
-    """outer_step.cpu_peak, except that what the trainer puts in host memory (inner.inplace.host_empty:
-    lean_full's backup of the starting weights) is not counted, as on a GPU (it is pinned host memory
-    there, outside max_memory_allocated) and as in the planner."""
-    from resalign_fast.memplan.trainer import host_allocations
+    """outer_step.cpu_peak, except that what the trainer puts in host memory
+    (inner.inplace.host_empty: lean_full's backup of the starting weights) is not counted, as on a
+    GPU (it is pinned host memory there, outside max_memory_allocated) and as in the planner."""
     from resalign_fast.memplan.tracker import StorageTracker
+    from resalign_fast.memplan.trainer import host_allocations
 
     with StorageTracker(block=1) as tr:
         tr.register(list(algo.space.unet.parameters()) + list(algo.space.unet.buffers()))
@@ -133,13 +150,28 @@ def planner_recipe(name: str):
     from resalign_fast.memplan.recipes import Recipe
 
     r = RECIPES[name]
-    math, ckpt, lean = r["attention"] == "math", r["gradient_checkpointing"], r.get("lean_full", False)
-    label = (f"{r['hvp']}/{'math' if math else 'auto'}/{'ckpt' if ckpt else 'no-ckpt'}" + ("/lean-full" if lean else "")
-             + f", guard {bench_guard(name)}")
-    return Recipe(label, hvp=r["hvp"], attention="math" if math else "fused", checkpointing=ckpt, lean_full=lean), "exact"
+    math, ckpt, lean = (
+        r["attention"] == "math",
+        r["gradient_checkpointing"],
+        r.get("lean_full", False),
+    )
+    label = (
+        f"{r['hvp']}/{'math' if math else 'auto'}/{'ckpt' if ckpt else 'no-ckpt'}"
+        + ("/lean-full" if lean else "")
+        + f", guard {bench_guard(name)}"
+    )
+    return Recipe(
+        label,
+        hvp=r["hvp"],
+        attention="math" if math else "fused",
+        checkpointing=ckpt,
+        lean_full=lean,
+    ), "exact"
 
 
-def estimate_task(unet_config: dict, latent: int, name: str, algo: str, target: str, block: int) -> dict:
+def estimate_task(
+    unet_config: dict, latent: int, name: str, algo: str, target: str, block: int
+) -> dict:
     """The planner's peak (bytes) for recipe `name` on configuration (algo, adam, standard); runs
     in a worker process. Never raises: a failure is returned as the error text."""
     t0 = time.perf_counter()
@@ -154,44 +186,66 @@ def estimate_task(unet_config: dict, latent: int, name: str, algo: str, target: 
         try:
             spec.latent_shape(1, shape.resolution)
         except ValueError as e:
-            return dict(peak=None, error=f"latents {latent}x{latent} do not map to the planner: {e}", seconds=0.0)
+            return dict(
+                peak=None,
+                error=f"latents {latent}x{latent} do not map to the planner: {e}",
+                seconds=0.0,
+            )
         recipe, _ = planner_recipe(name)
         est = Estimator(spec, shape, block=block, target=target, guard=bench_guard(name))
         p = est.run(recipe, ConfigKind(algo, "adam", "standard"))
         return dict(peak=p.peak, error=p.error, seconds=time.perf_counter() - t0)
     except Exception as e:  # noqa: BLE001 - reported in the table
-        return dict(peak=None, error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}",
-                    seconds=time.perf_counter() - t0)
+        return dict(
+            peak=None,
+            error=f"{type(e).__name__}: "
+            f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}",
+            seconds=time.perf_counter() - t0,
+        )
 
 
 class Planner:
-    """Estimates for (algo, recipe) keys: in `jobs` spawned worker processes, or here when jobs is 0."""
+    """Estimates for (algo, recipe) keys: in `jobs` spawned worker processes, or here when jobs
+    is 0."""
 
     INLINE_SECONDS = 20  # an estimate traced here needs about this long at SD v1.4 scale
 
     def __init__(self, tasks: dict[tuple[str, str], tuple], jobs: int) -> None:
         self.tasks, self.done, self.pool, self.pending = tasks, {}, None, {}
         if jobs > 0 and tasks:
-            try:  # spawn, not fork: the parent initialises CUDA, which a forked child must not inherit
+            # spawn, not fork: the parent initialises CUDA, which a forked child must not inherit
+            try:
                 self.pool = multiprocessing.get_context("spawn").Pool(min(jobs, len(tasks)))
-                self.pending = {k: self.pool.apply_async(estimate_task, args) for k, args in tasks.items()}
+                self.pending = {
+                    k: self.pool.apply_async(estimate_task, args) for k, args in tasks.items()
+                }
             except Exception as e:  # noqa: BLE001 - traced here after the measurements instead
-                print(f"planner: no worker processes ({type(e).__name__}: {e}); tracing here after measuring", flush=True)
+                print(
+                    f"planner: no worker processes ({type(e).__name__}: {e}); tracing here after "
+                    f"measuring",
+                    flush=True,
+                )
                 self.pool = None
 
     def get(self, key: tuple[str, str], timeout: float) -> dict:
-        """The estimate for key, waiting at most `timeout` seconds (traced here when there is no pool,
-        if that much time is left)."""
+        """The estimate for key, waiting at most `timeout` seconds (traced here when there is no
+        pool, if that much time is left)."""
         if key not in self.done:
             if self.pool is None:
                 if timeout < self.INLINE_SECONDS:
-                    return dict(peak=None, error=f"no time left to trace it ({timeout:.0f} s)", seconds=0.0)
+                    return dict(
+                        peak=None, error=f"no time left to trace it ({timeout:.0f} s)", seconds=0.0
+                    )
                 self.done[key] = estimate_task(*self.tasks[key])
             else:
                 try:
                     self.done[key] = self.pending[key].get(timeout=max(0.1, timeout))
                 except multiprocessing.TimeoutError:
-                    return dict(peak=None, error=f"still tracing {time.perf_counter() - T0:.0f} s after the start", seconds=0.0)
+                    return dict(
+                        peak=None,
+                        error=f"still tracing {time.perf_counter() - T0:.0f} s after the start",
+                        seconds=0.0,
+                    )
                 except Exception as e:  # noqa: BLE001 - a worker that died
                     self.done[key] = dict(peak=None, error=f"{type(e).__name__}: {e}", seconds=0.0)
         return self.done[key]
@@ -207,7 +261,9 @@ def recipes_for(algo: str, recipes: list[str]) -> list[str]:
     return [r for r in recipes if algo == "full" or r not in FULL_ONLY]
 
 
-def measure(cfg: dict, algos: list[str], recipes: list[str], device: str, measure_peak, end: float) -> list[dict]:
+def measure(
+    cfg: dict, algos: list[str], recipes: list[str], device: str, measure_peak, end: float
+) -> list[dict]:
     """Rows (algo, recipe, peak, seconds, cosine vs reference, ...), recipe by recipe, in order.
     The time left until `end` (perf_counter) is shared between the algorithms still to run; a
     recipe is skipped when the longest recipe so far (model, step and clean-up) would not fit
@@ -224,19 +280,27 @@ def measure(cfg: dict, algos: list[str], recipes: list[str], device: str, measur
                 rows.append(row)
                 start = time.perf_counter()
                 if start + longest > deadline:
-                    row["skipped"] = f"time budget: {deadline - start:.0f} s left for {algo}, the longest recipe took {longest:.0f} s"
+                    row["skipped"] = (
+                        f"time budget: {deadline - start:.0f} s left for {algo}, the longest "
+                        f"recipe took {longest:.0f} s"
+                    )
                     print(f"skipped {algo}/{name}: {row['skipped']}", flush=True)
                     continue
                 algo_obj = None
                 try:
                     algo_obj = prepare(name, cfg, ft, device)
                     (res, dt, g), peak = measure_peak(algo_obj, lambda a=algo_obj: run_step(a))
-                    row.update(peak=peak, seconds=dt, g=g, fallbacks=res.fallbacks, retries=res.retries)
+                    row.update(
+                        peak=peak, seconds=dt, g=g, fallbacks=res.fallbacks, retries=res.retries
+                    )
                     if name == names[0]:
                         ref = row
-                    print(f"measured {algo}/{name}: peak {peak / MIB:.1f} MiB, {dt:.2f} s "
-                          f"(fallbacks {res.fallbacks}, retries {res.retries}; {time.perf_counter() - T0:.0f} s since the start)",
-                          flush=True)
+                    print(
+                        f"measured {algo}/{name}: peak {peak / MIB:.1f} MiB, {dt:.2f} s "
+                        f"(fallbacks {res.fallbacks}, retries {res.retries}; "
+                        f"{time.perf_counter() - T0:.0f} s since the start)",
+                        flush=True,
+                    )
                 except Exception as e:  # noqa: BLE001 - reported in the table, the others still run
                     msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
                     row["error"] = f"{type(e).__name__}: {msg}"
@@ -251,30 +315,45 @@ def measure(cfg: dict, algos: list[str], recipes: list[str], device: str, measur
                 if row["algo"] == algo and "peak" in row and ref is not None:
                     row["peak_ratio"] = row["peak"] / ref["peak"]
                     row["time_ratio"] = row["seconds"] / ref["seconds"]
-                    row["cosine"] = torch.nn.functional.cosine_similarity(row["g"].double(), ref["g"].double(), dim=0).item()
+                    row["cosine"] = torch.nn.functional.cosine_similarity(
+                        row["g"].double(), ref["g"].double(), dim=0
+                    ).item()
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| recipe | peak MiB | peak / reference | s / outer step | time / reference | hypergradient cosine vs reference "
-            "| guard fallbacks / retries | planner recipe | match | planner MiB | planner / measured |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|\n")
+    head = (
+        "| recipe | peak MiB | peak / reference | s / outer step | time / reference | "
+        "hypergradient cosine vs reference "
+        "| guard fallbacks / retries | planner recipe | match | planner MiB | planner / measured "
+        "|\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
     body = ""
     for r in rows:
         rec, match = planner_recipe(r["recipe"])
         if "peak" not in r:
             why = r.get("error") or f"skipped ({r.get('skipped')})"
-            body += f"| {r['recipe']} | {why} | - | - | - | - | - | {rec.name} | {match} | - | - |\n"
+            body += (
+                f"| {r['recipe']} | {why} | - | - | - | - | - | {rec.name} | {match} | - | - |\n"
+            )
             continue
         est = r.get("estimate") or {}
         if est.get("peak"):
             plan, ratio = f"{est['peak'] / MIB:.1f}", f"{est['peak'] / r['peak']:.3f}"
         else:
             plan, ratio = f"n/a ({est.get('error') or 'no estimate'})", "n/a"
-        fmt = lambda k, f: f"{r[k]:{f}}" if k in r else "n/a"  # noqa: E731
-        body += (f"| {r['recipe']} | {r['peak'] / MIB:.1f} | {fmt('peak_ratio', '.3f')} | {r['seconds']:.2f} | "
-                 f"{fmt('time_ratio', '.2f')} | {fmt('cosine', '.6f')} | {r['fallbacks']} / {r['retries']} | {rec.name} | "
-                 f"{match} | {plan} | {ratio} |\n")
+
+        def fmt(k: str, f: str, r: dict = r) -> str:
+            return f"{r[k]:{f}}" if k in r else "n/a"
+
+        body += (
+            f"| {r['recipe']} | {r['peak'] / MIB:.1f} | {fmt('peak_ratio', '.3f')} | "
+            f"{r['seconds']:.2f} | "
+            f"{fmt('time_ratio', '.2f')} | {fmt('cosine', '.6f')} | {r['fallbacks']} / "
+            f"{r['retries']} | {rec.name} | "
+            f"{match} | {plan} | {ratio} |\n"
+        )
     return head + body
 
 
@@ -294,22 +373,55 @@ def warm_up(device: str) -> float:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: the rehearsal of gpu_check.sh")
-    p.add_argument("--model", default=None, choices=sorted(MODELS),
-                   help="sd14 (SD v1.4's UNet; default on cuda) or small (SD_SMALL_UNET; default on cpu)")
-    p.add_argument("--resolution", type=int, default=None,
-                   help="latent size (64 = 512 px; default 64 for sd14, 16 for small); a multiple of 8 maps to the planner")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--device",
+        default="cuda",
+        choices=("cuda", "cpu"),
+        help="cpu: the rehearsal of gpu_check.sh",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        choices=sorted(MODELS),
+        help="sd14 (SD v1.4's UNet; default on cuda) or small (SD_SMALL_UNET; default on cpu)",
+    )
+    p.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="latent size (64 = 512 px; default 64 for sd14, 16 for small); a multiple of 8 maps "
+        "to the planner",
+    )
     p.add_argument("--algorithms", nargs="+", default=["lora", "full"], choices=("lora", "full"))
-    p.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES, choices=list(RECIPES),
-                   help="the first is the baseline of the ratios; lean-fd-ckpt-full runs for full configs only")
-    p.add_argument("--plan-jobs", type=int, default=None,
-                   help="planner worker processes (default on cuda: half the CPUs, at most 8; on cpu 0: traced here, "
-                        "after measuring)")
-    p.add_argument("--plan-first", action="store_true", help="wait for the estimates before measuring")
-    p.add_argument("--budget", type=float, default=None,
-                   help="seconds from the start by which the last recipe should end (default: 125 on cuda, where "
-                        "gpu_check.sh allows 150 s; none on cpu)")
+    p.add_argument(
+        "--recipes",
+        nargs="+",
+        default=DEFAULT_RECIPES,
+        choices=list(RECIPES),
+        help="the first is the ratios' baseline; lean-fd-ckpt-full runs for full configs only",
+    )
+    p.add_argument(
+        "--plan-jobs",
+        type=int,
+        default=None,
+        help="planner worker processes (default on cuda: half the CPUs, at most 8; on cpu 0: "
+        "traced here, "
+        "after measuring)",
+    )
+    p.add_argument(
+        "--plan-first", action="store_true", help="wait for the estimates before measuring"
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds from the start by which the last recipe should end (default: 125 on cuda, "
+        "where "
+        "gpu_check.sh allows 150 s; none on cpu)",
+    )
     p.add_argument("--no-warmup", action="store_true", help="cuda: skip the small warm-up step")
     return p.parse_args(argv)
 
@@ -327,19 +439,41 @@ def main(argv=None) -> int:
     what, base = MODELS[model]
     cfg = dict(base, sample_size=latent)
     target, block = ("cuda", 512) if dev == "cuda" else ("cpu", 1)
-    tasks = {(algo, r): (cfg, latent, r, algo, target, block) for algo in a.algorithms for r in recipes_for(algo, a.recipes)}
-    ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
-    jobs = a.plan_jobs if a.plan_jobs is not None else (min(8, max(1, ncpu // 2)) if dev == "cuda" else 0)
+    tasks = {
+        (algo, r): (cfg, latent, r, algo, target, block)
+        for algo in a.algorithms
+        for r in recipes_for(algo, a.recipes)
+    }
+    ncpu = (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    )
+    jobs = (
+        a.plan_jobs
+        if a.plan_jobs is not None
+        else (min(8, max(1, ncpu // 2)) if dev == "cuda" else 0)
+    )
     planner = Planner(tasks, jobs)  # before CUDA is initialised
     try:
         if a.plan_first:
             for k in tasks:
-                planner.get(k, timeout=max(1.0, T0 + budget - time.perf_counter()) if budget != float("inf") else 3600)
-            print(f"planner: {len(tasks)} estimates in {time.perf_counter() - T0:.0f} s ({jobs} worker processes)", flush=True)
+                planner.get(
+                    k,
+                    timeout=max(1.0, T0 + budget - time.perf_counter())
+                    if budget != float("inf")
+                    else 3600,
+                )
+            print(
+                f"planner: {len(tasks)} estimates in {time.perf_counter() - T0:.0f} s ({jobs} "
+                f"worker processes)",
+                flush=True,
+            )
         if dev == "cuda":
             print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
         else:
-            print(f"device: CPU ({torch.get_num_threads()} threads), torch {torch.__version__}", flush=True)
+            print(
+                f"device: CPU ({torch.get_num_threads()} threads), torch {torch.__version__}",
+                flush=True,
+            )
         outer_step.build_model = fresh = FreshUNets(dev)
         if dev == "cuda" and not a.no_warmup:
             try:
@@ -348,35 +482,69 @@ def main(argv=None) -> int:
                 print(f"warm-up failed: {type(e).__name__}: {e}", flush=True)
         t = time.perf_counter()
         fresh.prebuild(cfg)  # prepare() builds with seed 0: not timed as part of the first recipe
-        print(f"model built on the CPU in {time.perf_counter() - t:.1f} s ({time.perf_counter() - T0:.0f} s since the start)",
-              flush=True)
-        rows = measure(cfg, a.algorithms, a.recipes, dev, cuda_peak if dev == "cuda" else cpu_peak_host, T0 + budget)
+        print(
+            f"model built on the CPU in {time.perf_counter() - t:.1f} s "
+            f"({time.perf_counter() - T0:.0f} s since the start)",
+            flush=True,
+        )
+        rows = measure(
+            cfg,
+            a.algorithms,
+            a.recipes,
+            dev,
+            cuda_peak if dev == "cuda" else cpu_peak_host,
+            T0 + budget,
+        )
         for r in rows:  # estimates for the recipes that ran
             if "peak" in r:
                 left = T0 + budget + 10 - time.perf_counter() if budget != float("inf") else 3600
                 r["estimate"] = planner.get((r["algo"], r["recipe"]), timeout=left)
     finally:
         planner.close()
-    kind = ("torch.cuda.max_memory_allocated, from after the UNet and data are resident (both included)" if dev == "cuda"
-            else "live tensor bytes by the storage tracker on the real CPU tensors, UNet and data included")
-    plan = (f"Estimator(ModelSpec of this UNet config, StepShape(batch 1, {latent * 8} px, K 5, 2 simulated steps), "
-            f"block {block} B, target {target}).run: ResAlign.step traced on meta tensors")
+    kind = (
+        "torch.cuda.max_memory_allocated, from after the UNet and data are resident (both included)"
+        if dev == "cuda"
+        else "live tensor bytes by the storage tracker on the real CPU tensors, UNet and data "
+        "included"
+    )
+    plan = (
+        f"Estimator(ModelSpec of this UNet config, StepShape(batch 1, {latent * 8} px, K 5, 2 "
+        f"simulated steps), "
+        f"block {block} B, target {target}).run: ResAlign.step traced on meta tensors"
+    )
     for algo in a.algorithms:
-        print(f"\n{what}, {latent}x{latent} latents, batch 1, {algo} fine-tuning config (adam, 2 steps), K = 5:\n"
-              + table([r for r in rows if r["algo"] == algo]), flush=True)
-    print(f"measured: {kind}; planner: {plan}. \"exact\": the planner runs the trainer's step with the same "
-          "config fields (attention math/auto, hvp, gradient_checkpointing, lean_full; guard, split_terms, K and "
-          "one configuration per step as the benchmark); its data sets hold 1 example instead of 4 (under 4 MiB at "
-          "SD v1.4 scale). lean_full's starting-weight backup lives in host memory and is in neither column. A guard "
-          "fallback replaces the solve by the first-order term: where every recipe fell back, the cosine says nothing "
-          "about the solve.")
+        print(
+            f"\n{what}, {latent}x{latent} latents, batch 1, {algo} fine-tuning config (adam, 2 "
+            f"steps), K = 5:\n" + table([r for r in rows if r["algo"] == algo]),
+            flush=True,
+        )
+    print(
+        f'measured: {kind}; planner: {plan}. "exact": the planner runs the trainer\'s step with '
+        f"the same "
+        "config fields (attention math/auto, hvp, gradient_checkpointing, lean_full; guard, "
+        "split_terms, K and "
+        "one configuration per step as the benchmark); its data sets hold 1 example instead of 4 "
+        "(under 4 MiB at "
+        "SD v1.4 scale). lean_full's starting-weight backup lives in host memory and is in neither "
+        "column. A guard "
+        "fallback replaces the solve by the first-order term: where every recipe fell back, the "
+        "cosine says nothing "
+        "about the solve."
+    )
     failed = [f"{r['algo']}/{r['recipe']}" for r in rows if "error" in r]
     skipped = [f"{r['algo']}/{r['recipe']}" for r in rows if "skipped" in r]
-    no_est = [f"{r['algo']}/{r['recipe']}" for r in rows if "peak" in r and not (r.get("estimate") or {}).get("peak")]
-    print(f"outer step: {len(rows) - len(failed) - len(skipped)} of {len(rows)} recipes measured in "
-          f"{time.perf_counter() - T0:.0f} s" + (f"; FAILED: {', '.join(failed)}" if failed else "")
-          + (f"; skipped for time: {', '.join(skipped)}" if skipped else "")
-          + (f"; no planner estimate: {', '.join(no_est)}" if no_est else ""))
+    no_est = [
+        f"{r['algo']}/{r['recipe']}"
+        for r in rows
+        if "peak" in r and not (r.get("estimate") or {}).get("peak")
+    ]
+    print(
+        f"outer step: {len(rows) - len(failed) - len(skipped)} of {len(rows)} recipes measured in "
+        f"{time.perf_counter() - T0:.0f} s"
+        + (f"; FAILED: {', '.join(failed)}" if failed else "")
+        + (f"; skipped for time: {', '.join(skipped)}" if skipped else "")
+        + (f"; no planner estimate: {', '.join(no_est)}" if no_est else "")
+    )
     return 1 if failed else 3 if skipped else 4 if no_est else 0
 
 

@@ -26,7 +26,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
 
@@ -64,10 +63,36 @@ def _load(ptr, rows, n_rows, stride_n, cols, n_cols, stride_d):
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE,
-    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
-    H, NQ, NK, D, qk_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    sqb,
+    sqh,
+    sqn,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    svb,
+    svh,
+    svn,
+    svd,
+    sob,
+    soh,
+    son,
+    sod,
+    H,
+    NQ,
+    NK,
+    D,
+    qk_scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
@@ -119,10 +144,40 @@ def _probs_and_dscores(q, k, v, do, lse, delta, rows, NQ, cols, NK, scale, PREC:
 
 @triton.jit
 def _bwd_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, DK, DV,
-    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
-    H, NQ, NK, D, scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    DK,
+    DV,
+    sqb,
+    sqh,
+    sqn,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    svb,
+    svh,
+    svn,
+    svd,
+    sdb,
+    sdh,
+    sdn,
+    sdd,
+    H,
+    NQ,
+    NK,
+    D,
+    scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PREC: tl.constexpr,
     DKDV: tl.constexpr,
 ):
     bh = tl.program_id(1)
@@ -191,8 +246,22 @@ def attention_fwd_triton(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple
     cfg = _config(d, q.dtype)
     grid = (triton.cdiv(nq, cfg["BLOCK_M"]), bsz * heads)
     _fwd_kernel[grid](
-        q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        heads, nq, k.shape[2], d, scale * LOG2E, PREC=_prec(q.dtype), **cfg,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *out.stride(),
+        heads,
+        nq,
+        k.shape[2],
+        d,
+        scale * LOG2E,
+        PREC=_prec(q.dtype),
+        **cfg,
     )
     return out, lse
 
@@ -218,8 +287,26 @@ def attention_bwd_triton(
     dv = torch.empty(k.shape, dtype=v.dtype, device=v.device)
     q, k, v = (x.contiguous() for x in (q, k, v))  # DQ/DK/DV are written with q's and k's strides
     cfg = _config(d, q.dtype)
-    args = (q, k, v, dout, lse, delta, dq, dk, dv, *q.stride(), *k.stride(), *v.stride(),
-            *dout.stride(), heads, nq, nk, d, scale)
+    args = (
+        q,
+        k,
+        v,
+        dout,
+        lse,
+        delta,
+        dq,
+        dk,
+        dv,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *dout.stride(),
+        heads,
+        nq,
+        nk,
+        d,
+        scale,
+    )
     key_blocks, query_blocks = triton.cdiv(nk, cfg["BLOCK_N"]), triton.cdiv(nq, cfg["BLOCK_M"])
     for dkdv, programs in ((True, key_blocks), (False, query_blocks)):  # dK and dV first, then dQ
         _bwd_kernel[(programs, bsz * heads)](*args, PREC=_prec(q.dtype), DKDV=dkdv, **cfg)
@@ -240,8 +327,10 @@ def not_supported_reasons(
         return [f"resalign_fast.kernels.attention runs only the backend 'triton', not {backend!r}"]
     reasons = []
     if not q.is_cuda and not INTERPRETED:
-        reasons.append(f"triton: tensors are on {q.device.type}; CPU tensors need "
-                       "TRITON_INTERPRET=1 set before resalign_fast.kernels.attention is imported")
+        reasons.append(
+            f"triton: tensors are on {q.device.type}; CPU tensors need "
+            "TRITON_INTERPRET=1 set before resalign_fast.kernels.attention is imported"
+        )
     if q.dim() != 4:
         reasons.append(f"triton: needs (B, H, N, D) tensors, got rank {q.dim()}")
     dtypes = (torch.float16, torch.bfloat16, torch.float32)

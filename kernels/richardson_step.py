@@ -12,8 +12,18 @@ from ._common import compute_dtype, grid
 
 
 @triton.jit
-def _richardson_kernel(v_ptr, b_ptr, hv_ptr, out_ptr, parts_ptr, n, alpha: "fp64", gamma: "fp64",
-                       COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+def _richardson_kernel(
+    v_ptr,
+    b_ptr,
+    hv_ptr,
+    out_ptr,
+    parts_ptr,
+    n,
+    alpha: "fp64",
+    gamma: "fp64",
+    COMPUTE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -31,16 +41,33 @@ def _richardson_kernel(v_ptr, b_ptr, hv_ptr, out_ptr, parts_ptr, n, alpha: "fp64
     tl.store(parts_ptr + tl.num_programs(0) + pid, tl.sum(vn64 * vn64, axis=0))
 
 
-def richardson_step_triton(v: torch.Tensor, b: torch.Tensor, hv: torch.Tensor, alpha: float,
-                           gamma: float, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def richardson_step_triton(
+    v: torch.Tensor,
+    b: torch.Tensor,
+    hv: torch.Tensor,
+    alpha: float,
+    gamma: float,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """v_new (N,), ||v_new - v||^2 (), ||v_new||^2 () for contiguous (N,) buffers of one dtype;
     v_new goes to `out` when given."""
     n = v.numel()
     out = torch.empty_like(v) if out is None else out
     (programs,) = grid(n, BLOCK)
     parts = torch.empty(2 * programs, dtype=torch.float64, device=v.device)
-    _richardson_kernel[(programs,)](v, b, hv, out, parts, n, alpha, gamma, COMPUTE=compute_dtype(v.dtype),
-                                    BLOCK=BLOCK, enable_fp_fusion=False)
+    _richardson_kernel[(programs,)](
+        v,
+        b,
+        hv,
+        out,
+        parts,
+        n,
+        alpha,
+        gamma,
+        COMPUTE=compute_dtype(v.dtype),
+        BLOCK=BLOCK,
+        enable_fp_fusion=False,
+    )
     acc = torch.float32 if v.dtype in (torch.float16, torch.bfloat16) else v.dtype
     norms = parts.view(2, programs).sum(dim=1).to(acc)
     return out, norms[0], norms[1]

@@ -16,8 +16,11 @@ import importlib
 __version__ = "0.1.0"
 __all__ = ["ResAlignConfig", "implicit_hypergrad", "richardson_solve"]
 
-_HOME = {"ResAlignConfig": "resalign_fast.config", "implicit_hypergrad": "resalign_fast.hypergrad",
-         "richardson_solve": "resalign_fast.hypergrad"}
+_HOME = {
+    "ResAlignConfig": "resalign_fast.config",
+    "implicit_hypergrad": "resalign_fast.hypergrad",
+    "richardson_solve": "resalign_fast.hypergrad",
+}
 
 
 def __getattr__(name: str):

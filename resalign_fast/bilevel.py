@@ -1,7 +1,8 @@
 """One ResAlign outer step (METHOD.md, Algorithm 2): sample configs -> simulate -> objectives ->
 hypergradient -> AdamW update of theta.
 
-    g = (1 - lambda) grad L_h(theta) + w_r grad R(theta) + mean_i pullback_i( (I + gamma H_i)^-1 lambda grad L_h(theta*_i) )
+    g = (1 - lambda) grad L_h(theta) + w_r grad R(theta) + mean_i pullback_i( (I + gamma H_i)^-1
+    lambda grad L_h(theta*_i) )
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ import dataclasses
 import logging
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Callable, ContextManager, Optional
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import torch
 from torch import Tensor
@@ -23,20 +24,41 @@ from resalign_fast.distributed import DistContext
 from resalign_fast.hypergrad import guarded_hypergrad, make_hvp
 from resalign_fast.hypergrad.stable import stable_hypergrad
 from resalign_fast.hypergrad.vec import norm
+from resalign_fast.inner.carry import carried_start, record_carry
 from resalign_fast.inner.configs import FTConfig, FTSpace
 from resalign_fast.inner.inplace import host_backup
-from resalign_fast.inner.optim import OptState, init_state
-from resalign_fast.inner.simulate import (ft_batch, ft_terms, inner_problem, optim_spec,
-                                          simulate_finetune, sum_terms)
-from resalign_fast.models.lora import ParamSpace, adapters_disabled
+from resalign_fast.inner.simulate import (
+    ft_batch,
+    ft_terms,
+    inner_problem,
+    simulate_finetune,
+    sum_terms,
+)
 from resalign_fast.models.prepare import pass_attention, prepare_unet
-from resalign_fast.objectives import (NoisyBatch, esd_target, ga_loss, guidance_loss,
-                                      guidance_target, make_noisy_batch, sigmoid_ramp, target_loss)
-from resalign_fast.strategies import (STRATEGIES, ConfigResult, ConfigTask, DirectGrad,
-                                      SimulationFault, strategy_for)
+from resalign_fast.objectives import (
+    sigmoid_ramp,
+    target_loss,
+)
+from resalign_fast.strategies import (
+    STRATEGIES,
+    ConfigResult,
+    ConfigTask,
+    DirectGrad,
+    SimulationFault,
+    StepResult,
+    strategy_for,
+)
+from resalign_fast.unlearning import UnlearningObjectives
 
-__all__ = ["ConfigResult", "ConfigTask", "DirectGrad", "NumericalError", "ResAlign", "StepResult",
-           "config_generator"]
+__all__ = [
+    "ConfigResult",
+    "ConfigTask",
+    "DirectGrad",
+    "NumericalError",
+    "ResAlign",
+    "StepResult",
+    "config_generator",
+]
 
 log = logging.getLogger("resalign_fast.bilevel")
 
@@ -51,31 +73,11 @@ def config_generator(seed: int, step: int, i: int) -> torch.Generator:
     return torch.Generator().manual_seed(((seed * 1_000_003 + step) << 20) + i)
 
 
-@dataclass
-class StepResult:
-    """What one outer step measured (one line of metrics.jsonl)."""
-
-    step: int
-    harmful: float
-    preserve: float
-    w_r: float
-    recovered: list[float] = field(default_factory=list)
-    configs: list[str] = field(default_factory=list)
-    hypergrad_norm: float = 0.0
-    direct_norm: float = 0.0
-    retries: int = 0
-    fallbacks: int = 0
-    hvps: int = 0
-    skipped: bool = False
-    seconds: float = 0.0
-    peak_memory_bytes: int = 0
-
-
-def _no_phase(name: str) -> ContextManager:
+def _no_phase(name: str) -> AbstractContextManager:
     return contextlib.nullcontext()
 
 
-class ResAlign:
+class ResAlign(UnlearningObjectives):
     """Holds theta, its optimizer and the encoded data; `step(s)` runs outer step s.
 
     The step's phases are public and typed: `direct_grad` (at theta), then per configuration
@@ -85,7 +87,8 @@ class ResAlign:
     Args:
         cfg: the run configuration.
         model: a `DiffusionModel` (its UNet gets theta's adapter when cfg.theta == "lora").
-        data: {"harmful", "preserve", "ft"} -> EncodedSet (D_preserve doubles as DreamBooth class data).
+        data: {"harmful", "preserve", "ft"} -> EncodedSet (D_preserve doubles as DreamBooth class
+            data).
         ft_space: pi(C).
         uncond_emb: (1, L, D) empty-prompt embedding (ESD).
         dist: the process group over which the k configurations are spread (None: one process).
@@ -95,8 +98,16 @@ class ResAlign:
             "simulate", "hypergradient"); the memory planner labels its trace with it.
     """
 
-    def __init__(self, cfg: ResAlignConfig, model, data: dict[str, EncodedSet], ft_space: FTSpace, *,
-                 uncond_emb: Tensor, dist: Optional[DistContext] = None) -> None:
+    def __init__(
+        self,
+        cfg: ResAlignConfig,
+        model,
+        data: dict[str, EncodedSet],
+        ft_space: FTSpace,
+        *,
+        uncond_emb: Tensor,
+        dist: DistContext | None = None,
+    ) -> None:
         self.cfg, self.model, self.data, self.ft_space = cfg, model, data, ft_space
         self.dist = dist or DistContext()
         self.uncond = uncond_emb
@@ -105,48 +116,15 @@ class ResAlign:
         self.theta = self.space.values()
         self.opt = torch.optim.AdamW(self.theta, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.alphas = model.scheduler.alphas_cumprod.float().to(self.theta[0].device)
-        # stable guard: the last top-curvature eigenvector per configuration slot and inner space (host
-        # memory; checkpointed by rank 0, so a distributed resume restarts the other ranks' slots cold)
+        # stable guard: the last top-curvature eigenvector per configuration slot and inner space
+        # (host
+        # memory; checkpointed by rank 0, so a distributed resume restarts the other ranks' slots
+        # cold)
         self.warm_vectors: dict[str, list[Tensor]] = {}
-        # ft_carry: per configuration slot, the simulation to continue (checkpointed like warm_vectors)
+        # ft_carry: per configuration slot, the simulation to continue (checkpointed like
+        # warm_vectors)
         self.carry: dict[str, dict] = {}
-        self.phase: Callable[[str], ContextManager] = _no_phase
-
-    # --- the frozen original model -------------------------------------------------------------
-    @torch.no_grad()
-    def eps0(self, x: Tensor, t: Tensor, emb: Tensor) -> Tensor:
-        """The original model's prediction (adapter disabled; no second copy for LoRA theta)."""
-        with pass_attention(self.cfg.attention, False):
-            if self.prepared.original is None:
-                with adapters_disabled(self.space.unet):
-                    return self.space.unet(x, t, emb).sample
-            d = self.prepared.frozen_dtype
-            return self.space.eps(self.prepared.original, x.to(d), t, emb.to(d)).to(x.dtype)
-
-    # --- objectives ----------------------------------------------------------------------------
-    def harmful_batch(self, gen: torch.Generator) -> NoisyBatch:
-        """A batch of D_harmful with L_h's target (ESD / guidance) from the original model."""
-        b = make_noisy_batch(*self.data["harmful"].sample(self.cfg.batch_size, gen), self.alphas, gen)
-        if self.cfg.harmful_loss == "esd":
-            b.target = esd_target(self.eps0, b, self.uncond, self.cfg.esd_eta)
-        elif self.cfg.harmful_loss == "guidance":
-            b.target = guidance_target(self.eps0, b, self.uncond, self.cfg.esd_eta)
-        return b
-
-    def preserve_batch(self, gen: torch.Generator) -> NoisyBatch:
-        """A batch of D_preserve with the original model's prediction as target."""
-        b = make_noisy_batch(*self.data["preserve"].sample(self.cfg.batch_size, gen), self.alphas, gen)
-        b.target = self.eps0(b.x_t, b.t, b.emb)
-        return b
-
-    def harmful_loss(self, space: ParamSpace, params: list[Tensor], b: NoisyBatch) -> Tensor:
-        """L_h at `params` of `space` on batch b."""
-        eps = space.eps(params, b.x_t, b.t, b.emb)
-        if self.cfg.harmful_loss == "guidance":
-            with torch.no_grad():
-                eps_u = space.eps([p.detach() for p in params], b.x_t, b.t, self.uncond.expand_as(b.emb))
-            return guidance_loss(eps, eps_u, b)
-        return ga_loss(eps, b) if self.cfg.harmful_loss == "ga" else target_loss(eps, b)
+        self.phase: Callable[[str], AbstractContextManager] = _no_phase
 
     # --- the phases ----------------------------------------------------------------------------
     def direct_grad(self, s: int, gen: torch.Generator) -> DirectGrad:
@@ -162,8 +140,9 @@ class ResAlign:
             grads = torch.autograd.grad((1 - cfg.lam) * lh + w_r * r, theta)
         return DirectGrad(s, theta, list(grads), hb, lh.item(), r.item(), w_r)
 
-    def config_hypergrad(self, c: FTConfig, direct: DirectGrad, gen: torch.Generator,
-                         slot: int = 0) -> ConfigResult:
+    def config_hypergrad(
+        self, c: FTConfig, direct: DirectGrad, gen: torch.Generator, slot: int = 0
+    ) -> ConfigResult:
         """Hypergradient g_C of configuration c, by its strategy (`strategies.strategy_for`).
 
         A simulated fine-tuning that ends in a non-finite theta* or L_h(theta*) gives a result with
@@ -174,7 +153,9 @@ class ResAlign:
         try:
             return STRATEGIES[strategy_for(self.cfg, c)](self, task)
         except SimulationFault as e:
-            return ConfigResult([torch.full_like(p, float("nan")) for p in self.theta], fault=str(e))
+            return ConfigResult(
+                [torch.full_like(p, float("nan")) for p in self.theta], fault=str(e)
+            )
 
     def simulate(self, task: ConfigTask) -> list[Tensor]:
         """theta* of the task's configuration, simulated on copies (continuing the slot's last
@@ -182,34 +163,37 @@ class ResAlign:
         cfg, c = self.cfg, task.config
         phi0 = [p.detach() for p in task.problem.phi0(task.direct.theta)]
         slot = str(task.slot)
-        start, state = self._carried(slot, c, phi0)
+        start, state = carried_start(self.carry, cfg.ft_carry, slot, c, phi0)
         prox = cfg.gamma if cfg.proximal else None
         with self.phase("simulate"), pass_attention(cfg.attention, False):
-            phi_star = simulate_finetune(task.problem.space, phi0, c, self.data["ft"], self.data["preserve"],
-                                         self.alphas, task.gen, proximal_gamma=prox,
-                                         split_terms=cfg.split_terms, start=start, state=state)
-        if cfg.ft_carry and not all(torch.isfinite(p).all() for p in phi_star):
-            self.carry.pop(slot, None)  # restart next time; outer_gradient reports the fault
-        elif cfg.ft_carry:
-            done = (self.carry.get(slot, {}).get("steps", 0) if start is not None else 0) + c.steps
-            self.carry[slot] = {"config": c.short(), "steps": done, "opt_step": state.step,
-                                "delta": [(a - b).cpu() for a, b in zip(phi_star, phi0)],
-                                "buffers": {k: [x.cpu() for x in v] for k, v in state.buffers.items()}}
+            phi_star = simulate_finetune(
+                task.problem.space,
+                phi0,
+                c,
+                self.data["ft"],
+                self.data["preserve"],
+                self.alphas,
+                task.gen,
+                proximal_gamma=prox,
+                split_terms=cfg.split_terms,
+                start=start,
+                state=state,
+            )
+        if cfg.ft_carry:
+            record_carry(
+                self.carry,
+                slot,
+                c,
+                continued=start is not None,
+                phi0=phi0,
+                phi_star=phi_star,
+                state=state,
+            )
         return [p.requires_grad_(True) for p in phi_star]
 
-    def _carried(self, slot: str, c: FTConfig, phi0: list[Tensor]) -> tuple[list[Tensor] | None, OptState]:
-        """ft_carry: (start, optimizer state) continuing the slot's last simulation when it ran the same
-        configuration and c.steps more stay within cfg.ft_carry accumulated steps; else a fresh
-        start (None, a new state). The carried displacement is added to today's phi0 (theta moved)."""
-        prev = self.carry.get(slot)
-        if not self.cfg.ft_carry or prev is None or prev["config"] != c.short() \
-                or prev["steps"] + c.steps > self.cfg.ft_carry:
-            return None, init_state(optim_spec(c), phi0)
-        dev = phi0[0].device
-        start = [p + d.to(dev) for p, d in zip(phi0, prev["delta"])]
-        return start, OptState(prev["opt_step"], {k: [x.to(dev) for x in v] for k, v in prev["buffers"].items()})
-
-    def outer_gradient(self, task: ConfigTask, phi_star: list[Tensor]) -> tuple[list[Tensor], float]:
+    def outer_gradient(
+        self, task: ConfigTask, phi_star: list[Tensor]
+    ) -> tuple[list[Tensor], float]:
         """b = lambda grad L_h(theta*) and L_h(theta*), at theta* (leaves that require grad).
 
         Raises:
@@ -224,7 +208,9 @@ class ResAlign:
             b = [self.cfg.lam * x for x in torch.autograd.grad(lh_star, phi_star)]
         return b, lh_star.item()
 
-    def implicit_solve(self, task: ConfigTask, phi_star: list[Tensor], *, inplace: bool) -> ConfigResult:
+    def implicit_solve(
+        self, task: ConfigTask, phi_star: list[Tensor], *, inplace: bool
+    ) -> ConfigResult:
         """g_C = direct + pullback((I + gamma H)^-1 b), b = `outer_gradient` at theta* and H the
         fine-tuning loss's Hessian there, by the guarded solver (`cfg.guard`); `inplace`: the fd
         HVPs perturb phi_star itself. b is computed here so that nothing else holds it: on the
@@ -247,7 +233,8 @@ class ResAlign:
 
         direct, pullback = list(task.direct.grads), task.problem.pullback
         if cfg.guard == "stable" and cfg.solver == "richardson":
-            # keyed by configuration slot, so the history does not depend on how ranks split the slots
+            # keyed by configuration slot, so the history does not depend on how ranks split the
+            # slots
             key = f"{task.slot}:{c.algorithm}"
             warm = self.warm_vectors.get(key)
             device = None
@@ -255,20 +242,38 @@ class ResAlign:
                 device, b = phi_star[0].device, host_backup(b)
             elif warm is not None:
                 warm = [x.to(p.device, non_blocking=True) for x, p in zip(warm, b)]
-            g, info, u = stable_hypergrad(direct, b, hvp, gamma=cfg.gamma, iters=cfg.iters,
-                                          power_iters=cfg.power_iters, warm=warm, pullback=pullback,
-                                          device=device)
+            g, info, u = stable_hypergrad(
+                direct,
+                b,
+                hvp,
+                gamma=cfg.gamma,
+                iters=cfg.iters,
+                power_iters=cfg.power_iters,
+                warm=warm,
+                pullback=pullback,
+                device=device,
+            )
             # host copy between outer steps; a traced (meta) run has no data to copy
             self.warm_vectors[key] = [x.detach() if x.is_meta else x.detach().to("cpu") for x in u]
         else:
-            g, info = guarded_hypergrad(direct, b, hvp, alpha=cfg.alpha, gamma=cfg.gamma, iters=cfg.iters,
-                                        max_grad_norm=cfg.max_grad_norm, max_retries=cfg.max_retries,
-                                        solver=cfg.solver, pullback=pullback)
+            g, info = guarded_hypergrad(
+                direct,
+                b,
+                hvp,
+                alpha=cfg.alpha,
+                gamma=cfg.gamma,
+                iters=cfg.iters,
+                max_grad_norm=cfg.max_grad_norm,
+                max_retries=cfg.max_retries,
+                solver=cfg.solver,
+                pullback=pullback,
+            )
         return ConfigResult(g, lh_star, info.retries, bool(info.fallback), info.hvps)
 
     # --- one outer step -------------------------------------------------------------------------
     def step(self, s: int) -> StepResult:
-        """Outer step s: a pure function of (theta, optimizer state, seed, s), so a resumed run repeats it.
+        """Outer step s: a pure function of (theta, optimizer state, seed, s), so a resumed run
+        repeats it.
 
         Batches of L_h and R come from a generator seeded by (seed, s); configuration i draws from
         `config_generator(seed, s, i)`. With a process group, the configurations are spread over
@@ -291,8 +296,12 @@ class ResAlign:
         res.configs = [c.short() for c in configs]
         if not direct.finite():
             # the same on every rank (no collective is skipped by one rank only)
-            self._fault(res, f"outer step {s}: non-finite L_h {res.harmful}, R {res.preserve} or direct gradient "
-                             f"at theta (configs {res.configs})")
+            self._fault(
+                res,
+                f"outer step {s}: non-finite L_h {res.harmful}, R {res.preserve} or direct "
+                f"gradient "
+                f"at theta (configs {res.configs})",
+            )
             res.seconds = time.time() - t0
             return res
         local, stats = {}, {}
@@ -306,19 +315,27 @@ class ResAlign:
         res.retries = sum(r.retries for r in results)
         res.fallbacks = sum(int(r.fallback) for r in results)
         res.hvps = sum(r.hvps for r in results)
-        faults = [f"config {i} ({res.configs[i]}): {r.fault}" for i, r in enumerate(results) if r.fault]
+        faults = [
+            f"config {i} ({res.configs[i]}): {r.fault}" for i, r in enumerate(results) if r.fault
+        ]
         total = self.dist.reduce_config_grads(local, len(configs), self.theta)
         g = [x / cfg.configs_per_step for x in total]
         res.direct_norm = norm(direct.grads)
         res.hypergrad_norm = norm(g)
         if faults or not math.isfinite(res.hypergrad_norm):
-            msg = (f"outer step {s}: non-finite value (harmful {res.harmful}, preserve {res.preserve}, "
-                   f"||g|| {res.hypergrad_norm}; configs {res.configs}{'; ' + '; '.join(faults) if faults else ''})")
+            msg = (
+                f"outer step {s}: non-finite value (harmful {res.harmful}, preserve "
+                f"{res.preserve}, "
+                f"||g|| {res.hypergrad_norm}; configs "
+                f"{res.configs}{'; ' + '; '.join(faults) if faults else ''})"
+            )
             self._fault(res, msg)
         else:
             self._update(s, g, res.configs)
         res.seconds = time.time() - t0
-        res.peak_memory_bytes = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+        res.peak_memory_bytes = (
+            torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+        )
         return res
 
     def _update(self, s: int, g: list[Tensor], configs: list[str]) -> None:
@@ -328,10 +345,13 @@ class ResAlign:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         if not all(torch.isfinite(p).all() for p in self.theta):
-            raise NumericalError(f"outer step {s}: theta became non-finite after the update (configs {configs})")
+            raise NumericalError(
+                f"outer step {s}: theta became non-finite after the update (configs {configs})"
+            )
 
     def _fault(self, res: StepResult, msg: str) -> None:
-        """A non-finite value in outer step res.step: raise (nan_policy abort) or log and mark it skipped."""
+        """A non-finite value in outer step res.step: raise (nan_policy abort) or log and mark it
+        skipped."""
         if self.cfg.nan_policy == "abort":
             raise NumericalError(msg)
         log.error("%s: step skipped, theta unchanged", msg)

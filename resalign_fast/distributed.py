@@ -4,17 +4,17 @@ of gradients, and the hypergradient is not a plain backward pass anyway).
 
     torchrun --standalone --nproc_per_node N -m resalign_fast.train [flags]
 
-Every rank holds theta and the data, computes the shared direct gradient, and runs the configurations
-``i`` with ``i % N == rank``. Each configuration draws from its own generator seeded by
-(seed, step, i) (bilevel.py), so g_i does not depend on which rank computes it.
+Every rank holds theta and the data, computes the shared direct gradient, and runs the
+configurations ``i`` with ``i % N == rank``. Each configuration draws from its own generator seeded
+by (seed, step, i) (bilevel.py), so g_i does not depend on which rank computes it.
 
 The reduction is a gather, not an all_reduce: every rank receives every g_i and sums them in
-configuration order, ``((0 + g_0) + g_1) + ... + g_{k-1}``, then divides by k: exactly the operations
-of the single-process loop. The result is therefore bit-identical to one process with the same seed
-and configurations (fp addition is not associative, so a tree all_reduce would differ in the last
-bits), and identical on every rank, so the replicas of theta never drift apart. The gather runs one
-parameter tensor at a time: the transient memory is N * ceil(k/N) copies of the largest tensor of
-theta, not of all of theta.
+configuration order, ``((0 + g_0) + g_1) + ... + g_{k-1}``, then divides by k: exactly the
+operations of the single-process loop. The result is therefore bit-identical to one process with the
+same seed and configurations (fp addition is not associative, so a tree all_reduce would differ in
+the last bits), and identical on every rank, so the replicas of theta never drift apart. The gather
+runs one parameter tensor at a time: the transient memory is N * ceil(k/N) copies of the largest
+tensor of theta, not of all of theta.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -68,17 +68,20 @@ class DistContext:
         """True on every rank when `flag` is True on some rank (for agreeing on errors)."""
         return any(self.gather_objects(bool(flag)))
 
-    def reduce_config_grads(self, local: dict[int, list[torch.Tensor]], k: int,
-                            like: list[torch.Tensor]) -> list[torch.Tensor]:
+    def reduce_config_grads(
+        self, local: dict[int, list[torch.Tensor]], k: int, like: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
         """Sum of the k per-configuration gradients, in configuration order, on every rank.
 
         Args:
-            local: {i: g_i} for this rank's configurations (`indices(k)`), each a list shaped like `like`.
+            local: {i: g_i} for this rank's configurations (`indices(k)`), each a list shaped like
+                `like`.
             k: number of configurations of the step.
             like: theta's tensors (shapes, dtypes, devices of the result).
 
         Returns:
-            [sum_i g_i[j] for each tensor j], summed as ((0 + g_0) + g_1) + ... (see the module doc).
+            [sum_i g_i[j] for each tensor j], summed as ((0 + g_0) + g_1) + ... (see the module
+            doc).
         """
         if not self.enabled:
             total = [torch.zeros_like(p) for p in like]
@@ -102,7 +105,7 @@ class DistContext:
         return total
 
 
-_CTX: Optional[DistContext] = None
+_CTX: DistContext | None = None
 
 
 def setup(device: str = "auto") -> DistContext:

@@ -45,12 +45,15 @@ def load_all_ops() -> dict[str, str]:
 def versions() -> dict[str, str]:
     """Versions of Python, the platform, torch and the optional packages."""
     cuda = torch.version.cuda or "none (CPU build)"
-    devices = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "none"
+    devices = (
+        ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "none"
+    )
     return {
         "resalign_fast": resalign_fast.__version__,
         "python": sys.version.split()[0],
         "platform": platform.platform(),
-        "torch": f"{torch.__version__} (CUDA {cuda}; CPU capability {torch.backends.cpu.get_cpu_capability()})",
+        "torch": f"{torch.__version__} (CUDA {cuda}; CPU capability "
+        f"{torch.backends.cpu.get_cpu_capability()})",
         "cuda devices": devices,
         "triton": _version("triton"),
         "xformers": _version("xformers"),
@@ -78,7 +81,15 @@ def op_table() -> list[tuple[str, dict[str, str]]]:
     failed = load_all_ops()
     rows = []
     for op in registry.registered_ops():
-        rows.append((op, {b: "; ".join(r) if r else "available" for b, r in registry.availability(op).items()}))
+        rows.append(
+            (
+                op,
+                {
+                    b: "; ".join(r) if r else "available"
+                    for b, r in registry.availability(op).items()
+                },
+            )
+        )
     rows += [(f"{name} (module)", {"import": error}) for name, error in failed.items()]
     return rows
 
@@ -111,8 +122,16 @@ def format_table(rows: list[tuple[str, dict[str, str]]]) -> list[str]:
 def format_report() -> str:
     """The whole report as text."""
     lines = ["== versions", *_aligned(versions())]
-    lines += ["", "== native extension resalign_fast._C", *_aligned(dict(sorted(build_info().items())))]
-    lines += ["", "== ops x backends (auto: the first available from the left)", *format_table(op_table())]
+    lines += [
+        "",
+        "== native extension resalign_fast._C",
+        *_aligned(dict(sorted(build_info().items()))),
+    ]
+    lines += [
+        "",
+        "== ops x backends (auto: the first available from the left)",
+        *format_table(op_table()),
+    ]
     return "\n".join(lines)
 
 

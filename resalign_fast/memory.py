@@ -28,50 +28,109 @@ import time
 from dataclasses import asdict, replace
 
 from resalign_fast.memplan.estimate import Estimator
-from resalign_fast.memplan.recipes import ATTENTION, HVP_BACKENDS, PI_C, REFERENCE, ConfigKind, Recipe, StepShape
+from resalign_fast.memplan.recipes import (
+    ATTENTION,
+    HVP_BACKENDS,
+    PI_C,
+    REFERENCE,
+    ConfigKind,
+    Recipe,
+    StepShape,
+)
+from resalign_fast.memplan.report import GIB, PAPER_PEAK_GB, format_table, max_peak
 from resalign_fast.memplan.unets import MODELS
 
-GIB = 2**30
-PAPER_PEAK_GB = 56  # ResAlign paper: "peak 56 GB" on one A100 (GB = 1e9 bytes assumed; GiB shown too)
 TARGETS_GIB = {"fd": 6.0, "exact": 12.0}  # LoRA configurations of pi(C)
 WHOLE_TARGET_GIB = 12.0  # every configuration, full-parameter ones included
 # the trainer's lean_full path (in-place simulation and fd HVPs for full-parameter configurations)
-LEAN = Recipe("fd/fused/ckpt/lean-full", hvp="fd", attention="fused", checkpointing=True, lean_full=True)
+LEAN = Recipe(
+    "fd/fused/ckpt/lean-full", hvp="fd", attention="fused", checkpointing=True, lean_full=True
+)
 # ... with the simulated optimizer's state in host memory (offload_optimizer_state)
-LEAN_OFFLOAD = Recipe("fd/fused/ckpt/lean-full/offload", hvp="fd", attention="fused", checkpointing=True,
-                      lean_full=True, offload_state=True)
+LEAN_OFFLOAD = Recipe(
+    "fd/fused/ckpt/lean-full/offload",
+    hvp="fd",
+    attention="fused",
+    checkpointing=True,
+    lean_full=True,
+    offload_state=True,
+)
 
 
-def our_recipes(hvps=HVP_BACKENDS, attentions=tuple(ATTENTION), checkpointing=(False, True),
-                weights: str = "fp32") -> list[Recipe]:
-    """Every HVP backend x attention x checkpointing (DreamBooth terms split, base weights `weights`)."""
-    return [Recipe(f"{h}/{a}/{'ckpt' if c else 'no-ckpt'}", hvp=h, attention=a, checkpointing=c, weights=weights)
-            for h in hvps for a in attentions for c in checkpointing]
+def our_recipes(
+    hvps=HVP_BACKENDS,
+    attentions=tuple(ATTENTION),
+    checkpointing=(False, True),
+    weights: str = "fp32",
+) -> list[Recipe]:
+    """Every HVP backend x attention x checkpointing (DreamBooth terms split, base weights
+    `weights`)."""
+    return [
+        Recipe(
+            f"{h}/{a}/{'ckpt' if c else 'no-ckpt'}",
+            hvp=h,
+            attention=a,
+            checkpointing=c,
+            weights=weights,
+        )
+        for h in hvps
+        for a in attentions
+        for c in checkpointing
+    ]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags (see `main`)."""
-    p = argparse.ArgumentParser(prog="python -m resalign_fast.memory", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="sd-v1-4", choices=sorted(MODELS), help="built-in UNet config")
+    p = argparse.ArgumentParser(
+        prog="python -m resalign_fast.memory", description=__doc__.splitlines()[0]
+    )
+    p.add_argument(
+        "--model", default="sd-v1-4", choices=sorted(MODELS), help="built-in UNet config"
+    )
     p.add_argument("--resolution", type=int, default=512, help="image side in pixels")
     p.add_argument("--batch", type=int, default=1, help="images per forward pass")
     p.add_argument("--iters", type=int, default=5, help="Richardson iterations K")
-    p.add_argument("--sim_steps", "--sim-steps", type=int, default=1, help="simulated fine-tuning steps")
-    p.add_argument("--weights", default="fp32", choices=("fp32", "bf16", "fp16"),
-                   help="dtype of our recipes' frozen base weights")
-    p.add_argument("--target", default="cuda", choices=("cuda", "cpu"),
-                   help="device whose fused attention is modelled")
+    p.add_argument(
+        "--sim_steps", "--sim-steps", type=int, default=1, help="simulated fine-tuning steps"
+    )
+    p.add_argument(
+        "--weights",
+        default="fp32",
+        choices=("fp32", "bf16", "fp16"),
+        help="dtype of our recipes' frozen base weights",
+    )
+    p.add_argument(
+        "--target",
+        default="cuda",
+        choices=("cuda", "cpu"),
+        help="device whose fused attention is modelled",
+    )
     p.add_argument("--block", type=int, default=512, help="allocation rounding in bytes")
-    p.add_argument("--hvp", default=",".join(HVP_BACKENDS),
-                   help=f"comma list of HVP backends ({', '.join(HVP_BACKENDS)})")
-    p.add_argument("--attention", default=",".join(ATTENTION),
-                   help=f"comma list of attention modes ({', '.join(ATTENTION)})")
+    p.add_argument(
+        "--hvp",
+        default=",".join(HVP_BACKENDS),
+        help=f"comma list of HVP backends ({', '.join(HVP_BACKENDS)})",
+    )
+    p.add_argument(
+        "--attention",
+        default=",".join(ATTENTION),
+        help=f"comma list of attention modes ({', '.join(ATTENTION)})",
+    )
     p.add_argument("--checkpointing", default="off,on", help="comma list of off, on")
-    p.add_argument("--configs", default="all",
-                   help=f"comma list of configurations ({', '.join(c.name for c in PI_C)}) or all")
-    p.add_argument("--guard", default=None, choices=("stable", "reference"),
-                   help="one guard for every recipe (default: each recipe's own)")
-    p.add_argument("--no_reference", "--no-reference", action="store_true", help="skip the reference recipe")
+    p.add_argument(
+        "--configs",
+        default="all",
+        help=f"comma list of configurations ({', '.join(c.name for c in PI_C)}) or all",
+    )
+    p.add_argument(
+        "--guard",
+        default=None,
+        choices=("stable", "reference"),
+        help="one guard for every recipe (default: each recipe's own)",
+    )
+    p.add_argument(
+        "--no_reference", "--no-reference", action="store_true", help="skip the reference recipe"
+    )
     p.add_argument("--no_lean", "--no-lean", action="store_true", help="skip the lean_full rows")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     return p.parse_args(argv)
@@ -88,24 +147,44 @@ def _split(text: str, allowed, what: str) -> list[str]:
 def select(args: argparse.Namespace) -> tuple[list[Recipe], tuple[ConfigKind, ...]]:
     """Recipes and configurations chosen by the flags."""
     ckpt = [s == "on" for s in _split(args.checkpointing, ("off", "on"), "checkpointing")]
-    recipes = our_recipes(_split(args.hvp, HVP_BACKENDS, "hvp"), _split(args.attention, tuple(ATTENTION), "attention"),
-                          ckpt, args.weights)
+    recipes = our_recipes(
+        _split(args.hvp, HVP_BACKENDS, "hvp"),
+        _split(args.attention, tuple(ATTENTION), "attention"),
+        ckpt,
+        args.weights,
+    )
     if not args.no_reference:
         recipes.insert(0, REFERENCE)
     if not args.no_lean:
-        recipes += [r if args.weights == "fp32" else replace(r, weights=args.weights) for r in (LEAN, LEAN_OFFLOAD)]
+        recipes += [
+            r if args.weights == "fp32" else replace(r, weights=args.weights)
+            for r in (LEAN, LEAN_OFFLOAD)
+        ]
     names = [c.name for c in PI_C]
-    configs = PI_C if args.configs == "all" else tuple(
-        c for n in _split(args.configs, names, "configs") for c in PI_C if c.name == n)
+    configs = (
+        PI_C
+        if args.configs == "all"
+        else tuple(c for n in _split(args.configs, names, "configs") for c in PI_C if c.name == n)
+    )
     return recipes, configs
 
 
 def run(args: argparse.Namespace) -> dict:
     """Trace every recipe x configuration; the result as a JSON-ready dict."""
-    if args.resolution <= 0 or args.batch <= 0 or args.iters < 1 or args.sim_steps < 1 or args.block < 1:
-        raise SystemExit("error: --resolution, --batch, --iters, --sim_steps and --block must be positive")
+    if (
+        args.resolution <= 0
+        or args.batch <= 0
+        or args.iters < 1
+        or args.sim_steps < 1
+        or args.block < 1
+    ):
+        raise SystemExit(
+            "error: --resolution, --batch, --iters, --sim_steps and --block must be positive"
+        )
     recipes, configs = select(args)
-    shape = StepShape(batch=args.batch, resolution=args.resolution, iters=args.iters, sim_steps=args.sim_steps)
+    shape = StepShape(
+        batch=args.batch, resolution=args.resolution, iters=args.iters, sim_steps=args.sim_steps
+    )
     try:
         MODELS[args.model].latent_shape(args.batch, args.resolution)
     except ValueError as e:
@@ -117,135 +196,70 @@ def run(args: argparse.Namespace) -> dict:
         peaks = est.run_all(r, configs)
         rows.append({"recipe": asdict(r), "configs": [asdict(p) for p in peaks]})
     out = {
-        "model": args.model, "resolution": args.resolution, "batch": args.batch, "iters": args.iters,
-        "guard": args.guard, "target": args.target, "block": args.block,
-        "rows": rows, "seconds": round(time.perf_counter() - t0, 1),
+        "model": args.model,
+        "resolution": args.resolution,
+        "batch": args.batch,
+        "iters": args.iters,
+        "guard": args.guard,
+        "target": args.target,
+        "block": args.block,
+        "rows": rows,
+        "seconds": round(time.perf_counter() - t0, 1),
     }
     out["summary"] = summarize(rows, complete=len(configs) == len(PI_C))
     return out
 
 
-def _max(peaks: list[dict], algo: str | None = None) -> int | None:
-    """Largest peak over configurations (of `algo`); None when any of them failed."""
-    vals = [p["peak"] for p in peaks if algo is None or p["config"].startswith(algo + "-")]
-    return None if not vals or any(v is None for v in vals) else max(vals)
-
-
 def summarize(rows: list[dict], complete: bool = True) -> dict:
-    """Reference vs the paper's 56 GB, and the best recipe of each HVP backend vs the issue's targets.
+    """Reference vs the paper's 56 GB, and the best recipe of each HVP backend vs the issue's
+    targets.
 
     complete: every configuration of pi(C) was traced. Otherwise the conclusions about the whole of
     pi(C) (the paper's ratio, "all configurations") are left out: only what was traced is reported.
     """
     s: dict = {"complete": complete}
     ref = next((r for r in rows if r["recipe"]["name"] == REFERENCE.name), None)
-    if ref is not None and _max(ref["configs"]) is not None and not complete:
-        s["reference"] = {"max_bytes": _max(ref["configs"]), "max_lora_bytes": _max(ref["configs"], "lora")}
-    elif ref is not None and _max(ref["configs"]) is not None:
-        m = _max(ref["configs"])
-        s["reference"] = {"max_bytes": m, "max_lora_bytes": _max(ref["configs"], "lora"),
-                          "paper_gb": PAPER_PEAK_GB, "ratio_to_paper": round(m / (PAPER_PEAK_GB * 1e9), 3)}
+    if ref is not None and max_peak(ref["configs"]) is not None and not complete:
+        s["reference"] = {
+            "max_bytes": max_peak(ref["configs"]),
+            "max_lora_bytes": max_peak(ref["configs"], "lora"),
+        }
+    elif ref is not None and max_peak(ref["configs"]) is not None:
+        m = max_peak(ref["configs"])
+        s["reference"] = {
+            "max_bytes": m,
+            "max_lora_bytes": max_peak(ref["configs"], "lora"),
+            "paper_gb": PAPER_PEAK_GB,
+            "ratio_to_paper": round(m / (PAPER_PEAK_GB * 1e9), 3),
+        }
     ours = [r for r in rows if r["recipe"]["name"] != REFERENCE.name]
     for hvp in HVP_BACKENDS:
-        cand = [(_max(r["configs"], "lora"), r["recipe"]["name"]) for r in ours if r["recipe"]["hvp"] == hvp]
+        cand = [
+            (max_peak(r["configs"], "lora"), r["recipe"]["name"])
+            for r in ours
+            if r["recipe"]["hvp"] == hvp
+        ]
         cand = [c for c in cand if c[0] is not None]
         if cand:
             v, name = min(cand)
             t = TARGETS_GIB.get(hvp)
-            s[f"best_lora_{hvp}"] = {"recipe": name, "bytes": v, "target_gib": t,
-                                     "meets": None if t is None or not complete else v <= t * GIB}
-    whole = [(_max(r["configs"]), r["recipe"]["name"]) for r in ours]
+            s[f"best_lora_{hvp}"] = {
+                "recipe": name,
+                "bytes": v,
+                "target_gib": t,
+                "meets": None if t is None or not complete else v <= t * GIB,
+            }
+    whole = [(max_peak(r["configs"]), r["recipe"]["name"]) for r in ours]
     whole = [w for w in whole if w[0] is not None]
     if whole and complete:
         v, name = min(whole)
-        s["best_whole"] = {"recipe": name, "bytes": v, "target_gib": WHOLE_TARGET_GIB, "meets": v <= WHOLE_TARGET_GIB * GIB}
+        s["best_whole"] = {
+            "recipe": name,
+            "bytes": v,
+            "target_gib": WHOLE_TARGET_GIB,
+            "meets": v <= WHOLE_TARGET_GIB * GIB,
+        }
     return s
-
-
-def _short(config: str) -> str:
-    algo, optim, loss = config.split("-")
-    return f"{algo[0].upper()}/{optim}" + ("/db" if loss == "dreambooth" else "")
-
-
-def _gib(v: int | None) -> str:
-    return "n/a" if v is None else f"{v / GIB:.2f}"
-
-
-# known causes of a failed trace, by a piece of torch's message: (piece, what it means)
-REASONS = (
-    ("saved tensor hooks", "forward-mode (jvp) HVPs cannot run under activation recomputation: torch's "
-                           "checkpointing relies on saved-tensor hooks, which forward AD does not support"),
-    ("meta tensor", "the step reads tensor values, which the planner's meta tensors do not hold (a gap in the "
-                    "planner, not a memory limit)"),
-    ("out of memory", "the trace itself ran out of host memory"),
-)
-
-
-def readable(error: str) -> str:
-    """A failed trace's footnote: the reason in words when it is a known one, then torch's own text."""
-    raw = " ".join(error.split())
-    raw = raw if len(raw) <= 160 else raw[:157] + "..."
-    for piece, why in REASONS:
-        if piece in error.lower():
-            return f"{why} (torch: {raw})"
-    return raw
-
-
-def format_table(out: dict) -> str:
-    """The human-readable report: a table in GiB, failures as footnotes, then the summary."""
-    rows = out["rows"]
-    names = [_short(p["config"]) for p in rows[0]["configs"]] if rows else []
-    w = max([len("recipe")] + [len(r["recipe"]["name"]) for r in rows])
-    lines = [f"Estimated peak GPU memory (GiB) of one outer step: {out['model']}, {out['resolution']} px, "
-             f"batch {out['batch']}, K={out['iters']}, the trainer's step"
-             + (f" (guard {out['guard']})" if out.get("guard") else "")
-             + f" ({out['target']} kernels, {out['block']} B blocks)", ""]
-    head = f"{'recipe':<{w}} " + " ".join(f"{n:>{max(len(n), 6)}}" for n in names) + "  max-lora  max-all"
-    lines += [head, "-" * len(head)]
-    notes: list[str] = []
-    for r in rows:
-        cells = []
-        for p in r["configs"]:
-            cell = _gib(p["peak"])
-            if p["peak"] is None:
-                note = readable(p["error"])
-                if note not in notes:
-                    notes.append(note)
-                cell += f"[{notes.index(note) + 1}]"
-            cells.append(f"{cell:>{max(len(_short(p['config'])), 6)}}")
-        lines.append(f"{r['recipe']['name']:<{w}} " + " ".join(cells)
-                     + f"  {_gib(_max(r['configs'], 'lora')):>8}  {_gib(_max(r['configs'])):>7}")
-    lines += ["columns: L = LoRA, F = full-parameter fine-tuning; sgd/adam; db = DreamBooth (two forward passes)"]
-    lines += [f"[{i + 1}] {n}" for i, n in enumerate(notes)]
-    s = out["summary"]
-    lines.append("")
-    traced = [p["config"] for p in rows[0]["configs"]] if rows else []
-    scope = "LoRA configs" if s.get("complete", True) else "traced LoRA configs"
-    if "reference" in s and "ratio_to_paper" in s["reference"]:
-        ref = s["reference"]
-        lines.append(f"reference recipe: {ref['max_bytes'] / 1e9:.1f} GB ({_gib(ref['max_bytes'])} GiB) at its "
-                     f"largest configuration; the paper reports {PAPER_PEAK_GB} GB: ratio {ref['ratio_to_paper']:.2f} "
-                     f"(gap {(ref['ratio_to_paper'] - 1) * 100:+.0f}%). LoRA configurations only: "
-                     f"{_gib(ref['max_lora_bytes'])} GiB.")
-    elif "reference" in s:
-        lines.append(f"reference recipe: {_gib(s['reference']['max_bytes'])} GiB at most over the traced "
-                     f"configurations ({', '.join(traced)}); trace --configs all to compare with the paper")
-    ref_l = _gib(s["reference"]["max_lora_bytes"]) if "reference" in s else "n/a"
-    ref_a = _gib(s["reference"]["max_bytes"]) if "reference" in s else "n/a"
-    for hvp in HVP_BACKENDS:
-        b = s.get(f"best_lora_{hvp}")
-        if b:
-            tgt = ""
-            if b["target_gib"] is not None and b["meets"] is not None:
-                tgt = f", target <= {b['target_gib']:g} GiB: " + ("met" if b["meets"] else "NOT met")
-            lines.append(f"{scope}, {hvp} HVPs: best {b['recipe']} {_gib(b['bytes'])} GiB "
-                         f"(reference {ref_l}){tgt}")
-    if "best_whole" in s:
-        b = s["best_whole"]
-        lines.append(f"all configs incl. full-parameter: best {b['recipe']} {_gib(b['bytes'])} GiB "
-                     f"(reference {ref_a}), target <= {b['target_gib']:g} GiB: {'met' if b['meets'] else 'NOT met'}")
-    lines.append(f"traced in {out['seconds']:.0f} s")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

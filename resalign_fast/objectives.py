@@ -6,8 +6,8 @@ the parameters: required for Hessian-vector products and finite differences.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 
@@ -28,11 +28,12 @@ class NoisyBatch:
     t: torch.Tensor
     emb: torch.Tensor
     noise: torch.Tensor
-    target: Optional[torch.Tensor] = None
+    target: torch.Tensor | None = None
 
 
-def make_noisy_batch(x0: torch.Tensor, emb: torch.Tensor, alphas_cumprod: torch.Tensor,
-                     generator: torch.Generator) -> NoisyBatch:
+def make_noisy_batch(
+    x0: torch.Tensor, emb: torch.Tensor, alphas_cumprod: torch.Tensor, generator: torch.Generator
+) -> NoisyBatch:
     """Draw t ~ U{0..T-1} and Gaussian noise (on the CPU generator, then moved to x0's device)."""
     b = x0.shape[0]
     t = torch.randint(0, len(alphas_cumprod), (b,), generator=generator)
@@ -42,7 +43,8 @@ def make_noisy_batch(x0: torch.Tensor, emb: torch.Tensor, alphas_cumprod: torch.
 
 
 def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Mean squared error written out: F.mse_loss breaks forward-over-reverse AD (pytorch#123996)."""
+    """Mean squared error written out: F.mse_loss breaks forward-over-reverse AD
+    (pytorch#123996)."""
     return (a - b).square().mean()
 
 
@@ -51,8 +53,9 @@ def denoising_loss(eps: torch.Tensor, batch: NoisyBatch) -> torch.Tensor:
     return mse(eps, batch.noise)
 
 
-def dreambooth_loss(instance: Optional[torch.Tensor], prior: Optional[torch.Tensor],
-                    prior_weight: float) -> torch.Tensor:
+def dreambooth_loss(
+    instance: torch.Tensor | None, prior: torch.Tensor | None, prior_weight: float
+) -> torch.Tensor:
     """DreamBooth's loss with prior preservation: instance + prior_weight x prior (0-d tensors).
 
     prior None: the instance loss alone (the standard loss). instance None: the weighted prior term
@@ -69,8 +72,13 @@ def ga_loss(eps: torch.Tensor, batch: NoisyBatch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def esd_target(eps0: EpsFn, batch: NoisyBatch, uncond_emb: torch.Tensor, eta: float,
-               from_emb: Optional[torch.Tensor] = None) -> torch.Tensor:
+def esd_target(
+    eps0: EpsFn,
+    batch: NoisyBatch,
+    uncond_emb: torch.Tensor,
+    eta: float,
+    from_emb: torch.Tensor | None = None,
+) -> torch.Tensor:
     """ESD negative-guidance target eps0(x_t, c_from) - eta (eps0(x_t, c) - eps0(x_t, "")).
 
     Args:
@@ -86,22 +94,26 @@ def esd_target(eps0: EpsFn, batch: NoisyBatch, uncond_emb: torch.Tensor, eta: fl
 
 
 @torch.no_grad()
-def guidance_target(eps0: EpsFn, batch: NoisyBatch, uncond_emb: torch.Tensor, eta: float) -> torch.Tensor:
-    """The ESD target written on the guidance direction: -eta (eps0(x_t, c) - eps0(x_t, "")), what the
-    unlearned model's eps(x_t, c) - eps(x_t, "") should be (see `guidance_loss`)."""
+def guidance_target(
+    eps0: EpsFn, batch: NoisyBatch, uncond_emb: torch.Tensor, eta: float
+) -> torch.Tensor:
+    """The ESD target written on the guidance direction: -eta (eps0(x_t, c) - eps0(x_t, "")), what
+    the unlearned model's eps(x_t, c) - eps(x_t, "") should be (see `guidance_loss`)."""
     u = uncond_emb.expand_as(batch.emb)
     return -eta * (eps0(batch.x_t, batch.t, batch.emb) - eps0(batch.x_t, batch.t, u))
 
 
 def guidance_loss(eps: torch.Tensor, eps_uncond: torch.Tensor, batch: NoisyBatch) -> torch.Tensor:
-    """||(eps(x_t, c) - sg[eps(x_t, "")]) - batch.target||^2 with batch.target from `guidance_target`.
+    """||(eps(x_t, c) - sg[eps(x_t, "")]) - batch.target||^2 with batch.target from
+    `guidance_target`.
 
-    ESD's loss ||eps(x_t, c) - eps_ESD||^2 also grows with any change of the model's predictions that
-    the conditional and unconditional branches share (fine-tuning drift), which is 20-30x the concept's
-    own recovery after simulated fine-tuning on the digits world (RESILIENCE_DIAGNOSIS.md). On the
-    guidance direction that common change cancels, so the value measures the concept alone. The
-    unconditional branch enters without gradient (`eps_uncond` detached): the loss moves only the
-    concept's conditional prediction, never the unconditional model.
+    ESD's loss ||eps(x_t, c) - eps_ESD||^2 also grows with any change of the model's predictions
+    that the conditional and unconditional branches share (fine-tuning drift), which is 20-30x the
+    concept's own recovery after simulated fine-tuning on the digits world
+    (RESILIENCE_DIAGNOSIS.md). On the guidance direction that common change cancels, so the value
+    measures the concept alone. The unconditional branch enters without gradient (`eps_uncond`
+    detached): the loss moves only the concept's conditional prediction, never the unconditional
+    model.
     """
     if batch.target is None:
         raise ValueError("batch has no target: compute it with guidance_target first")

@@ -8,7 +8,8 @@ the base model itself generates for each prompt. The output is an image folder t
 greyscale for the digits model, 512 px RGB for SD v1.x); there is no size flag.
 
 Prompt files: `.csv` with a header and a prompt column (`prompt`, `text` or `caption`, or
-`--prompt_column`), or a text file with one prompt per line. Blank prompts are skipped; their count is printed (a warning, and the final `done:` line).
+`--prompt_column`), or a text file with one prompt per line. Blank prompts are skipped; their count
+is printed (a warning, and the final `done:` line).
 
 Robustness: an existing non-empty `--out` is never overwritten; `--resume` continues a killed run
 (same settings required; finished batches are kept, image j's noise depends only on the seed and j's
@@ -25,7 +26,6 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -38,7 +38,7 @@ class PrepareError(ValueError):
     """Bad prompt file, output folder or settings; the message names the file."""
 
 
-def read_prompts(path: str | Path, column: Optional[str] = None) -> tuple[list[str], int]:
+def read_prompts(path: str | Path, column: str | None = None) -> tuple[list[str], int]:
     """Prompts of a .csv (header + prompt column) or a text file (one per line).
 
     Returns:
@@ -75,30 +75,67 @@ def read_prompts(path: str | Path, column: Optional[str] = None) -> tuple[list[s
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m resalign_fast.prepare_data", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--prompts", required=True, help="prompt list: .csv with a prompt column, or one prompt per line")
-    ap.add_argument("--out", required=True, help="output image folder (must be new or empty, unless --resume)")
-    ap.add_argument("--pretrained_model_name_or_path", default="digits",
-                    help="base model: 'digits', a local diffusers folder or a single .safetensors file")
-    ap.add_argument("--prompt_column", default=None, help=f"CSV column of the prompts (default: first of {PROMPT_COLUMNS})")
+    ap = argparse.ArgumentParser(
+        prog="python -m resalign_fast.prepare_data",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "--prompts",
+        required=True,
+        help="prompt list: .csv with a prompt column, or one prompt per line",
+    )
+    ap.add_argument(
+        "--out", required=True, help="output image folder (must be new or empty, unless --resume)"
+    )
+    ap.add_argument(
+        "--pretrained_model_name_or_path",
+        default="digits",
+        help="base model: 'digits', a local diffusers folder or a single .safetensors file",
+    )
+    ap.add_argument(
+        "--prompt_column",
+        default=None,
+        help=f"CSV column of the prompts (default: first of {PROMPT_COLUMNS})",
+    )
     ap.add_argument("--images_per_prompt", type=int, default=1, help="images generated per prompt")
     ap.add_argument("--steps", type=int, default=30, help="DDIM sampling steps (paper: 30)")
-    ap.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (SD: 7.5)")
+    ap.add_argument(
+        "--guidance", type=float, default=7.5, help="classifier-free guidance scale (SD: 7.5)"
+    )
     ap.add_argument("--seed", type=int, default=0, help="generation seed")
     ap.add_argument("--batch_size", type=int, default=8, help="images per generation batch")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    ap.add_argument("--frozen_dtype", default="fp32", choices=("fp32", "bf16", "fp16"),
-                    help="dtype of the VAE and text encoder (bf16/fp16 save GPU memory)")
-    ap.add_argument("--allow_pickle", action="store_true", help="also read pickled (.bin/.ckpt) weights")
-    ap.add_argument("--single_file_config", default=None,
-                    help="local diffusers folder with the component configs of a single-file checkpoint")
-    ap.add_argument("--resume", action="store_true", help="continue a killed run into the same --out")
+    ap.add_argument(
+        "--frozen_dtype",
+        default="fp32",
+        choices=("fp32", "bf16", "fp16"),
+        help="dtype of the VAE and text encoder (bf16/fp16 save GPU memory)",
+    )
+    ap.add_argument(
+        "--allow_pickle", action="store_true", help="also read pickled (.bin/.ckpt) weights"
+    )
+    ap.add_argument(
+        "--single_file_config",
+        default=None,
+        help="local diffusers folder with the component configs of a single-file checkpoint",
+    )
+    ap.add_argument(
+        "--resume", action="store_true", help="continue a killed run into the same --out"
+    )
     return ap
 
 
 def _settings(ns: argparse.Namespace, prompts: list[str]) -> dict:
-    keys = ("pretrained_model_name_or_path", "images_per_prompt", "steps", "guidance", "seed", "batch_size", "frozen_dtype")
+    keys = (
+        "pretrained_model_name_or_path",
+        "images_per_prompt",
+        "steps",
+        "guidance",
+        "seed",
+        "batch_size",
+        "frozen_dtype",
+    )
     return dict({k: getattr(ns, k) for k in keys}, prompts=prompts)
 
 
@@ -106,15 +143,22 @@ def _check_out(out: Path, settings: dict, resume: bool) -> None:
     if not out.exists() or not any(out.iterdir()):
         return
     if not resume:
-        raise PrepareError(f"{out} exists and is not empty: choose a new --out, or --resume a killed run")
+        raise PrepareError(
+            f"{out} exists and is not empty: choose a new --out, or --resume a killed run"
+        )
     saved_path = out / SETTINGS_FILE
     try:
         saved = json.loads(saved_path.read_text())
     except (OSError, ValueError):
-        raise PrepareError(f"--resume: {saved_path} missing or unreadable: {out} was not written by prepare_data") from None
+        raise PrepareError(
+            f"--resume: {saved_path} missing or unreadable: {out} was not written by prepare_data"
+        ) from None
     diff = sorted(k for k in settings if saved.get(k) != settings[k])
     if diff:
-        raise PrepareError(f"--resume: {saved_path} was written with other settings ({diff}); resume with the same ones")
+        raise PrepareError(
+            f"--resume: {saved_path} was written with other settings ({diff}); resume with the "
+            f"same ones"
+        )
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -156,7 +200,8 @@ def check_numbers(ns: argparse.Namespace) -> None:
 
 
 def prepare(ns: argparse.Namespace) -> tuple[Path, int]:
-    """Generate the image set described by parsed flags `ns`; returns (out folder, images written now)."""
+    """Generate the image set described by parsed flags `ns`; returns (out folder, images written
+    now)."""
     from resalign_fast.models.pipeline import load_model
     from resalign_fast.models.sampling import generate
     from resalign_fast.runs import pick_device
@@ -171,8 +216,13 @@ def prepare(ns: argparse.Namespace) -> tuple[Path, int]:
         raise PrepareError(f"--out {out}: exists and is not a folder")
     settings = _settings(ns, prompts)
     _check_out(out, settings, ns.resume)
-    model = load_model(ns.pretrained_model_name_or_path, device=pick_device(ns.device), frozen_dtype=ns.frozen_dtype,
-                       allow_pickle=ns.allow_pickle, single_file_config=ns.single_file_config)
+    model = load_model(
+        ns.pretrained_model_name_or_path,
+        device=pick_device(ns.device),
+        frozen_dtype=ns.frozen_dtype,
+        allow_pickle=ns.allow_pickle,
+        single_file_config=ns.single_file_config,
+    )
     out.mkdir(parents=True, exist_ok=True)
     _write_atomic(out / SETTINGS_FILE, json.dumps(settings, indent=1))
     items = [p for p in prompts for _ in range(ns.images_per_prompt)]
@@ -182,8 +232,14 @@ def prepare(ns: argparse.Namespace) -> tuple[Path, int]:
         hi = min(lo + ns.batch_size, len(items))
         if not all((out / n).is_file() for n in names[lo:hi]):
             # seed per batch: a resumed run regenerates exactly the missing batches
-            imgs = generate(model, items[lo:hi], steps=ns.steps, guidance=ns.guidance,
-                            seed=ns.seed * 1_000_003 + lo, batch_size=ns.batch_size)
+            imgs = generate(
+                model,
+                items[lo:hi],
+                steps=ns.steps,
+                guidance=ns.guidance,
+                seed=ns.seed * 1_000_003 + lo,
+                batch_size=ns.batch_size,
+            )
             for n, im in zip(names[lo:hi], imgs):
                 _save_image(im, out / n)
             written += hi - lo
@@ -192,7 +248,7 @@ def prepare(ns: argparse.Namespace) -> tuple[Path, int]:
     return out, written
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Entry point; exit status 0 done, 2 bad input (one message on stderr)."""
     from resalign_fast.models.pipeline import ModelError
     from resalign_fast.runs import RunError
@@ -205,7 +261,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     blank = getattr(ns, "blank_prompts", 0)
-    print(f"done: {out} ({n} images generated" + (f"; {blank} blank prompt(s) skipped)" if blank else ")"))
+    print(
+        f"done: {out} ({n} images generated"
+        + (f"; {blank} blank prompt(s) skipped)" if blank else ")")
+    )
     return 0
 
 

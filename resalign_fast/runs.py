@@ -1,16 +1,15 @@
-"""Run management shared by the entry points: device, data, sample grids, checkpoints, export,
-exit status."""
+"""Run management shared by the entry points: device, data, sample grids, checkpoints, exit
+status (the export is `resalign_fast.export`)."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 
@@ -19,8 +18,19 @@ from resalign_fast.config import ConfigError, ResAlignConfig, load_toml, to_dict
 log = logging.getLogger("resalign_fast.runs")
 CKPT = "last.pt"
 # Settings a resumed run may change: they do not affect the weights.
-RESUME_MAY_CHANGE = {"resume", "progress", "device", "num_threads", "checkpoint_every", "nan_policy", "samples_per_prompt",
-                     "sample_steps", "guidance", "output_dir", "run_name"}
+RESUME_MAY_CHANGE = {
+    "resume",
+    "progress",
+    "device",
+    "num_threads",
+    "checkpoint_every",
+    "nan_policy",
+    "samples_per_prompt",
+    "sample_steps",
+    "guidance",
+    "output_dir",
+    "run_name",
+}
 
 
 class RunError(RuntimeError):
@@ -53,10 +63,11 @@ def save_atomic(obj, path: Path) -> None:
 @contextlib.contextmanager
 def atomic_dir(final: Path):
     """Yield a temporary folder beside `final`; when the block ends without an exception it becomes
-    `final` (replacing an older one) by rename, so a kill leaves either no `final` or a complete one.
+    `final` (replacing an older one) by rename, so a kill leaves either no `final` or a complete
+    one.
 
-    A killed writer leaves only `.<name>.tmp-<pid>` (never loadable as `final`); it is removed by the
-    next write into the same parent.
+    A killed writer leaves only `.<name>.tmp-<pid>` (never loadable as `final`); it is removed by
+    the next write into the same parent.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -81,7 +92,8 @@ def atomic_dir(final: Path):
 
 
 def lock_folder(folder: Path):
-    """An exclusive lock on `folder` (created if needed) for as long as the returned file stays open:
+    """An exclusive lock on `folder` (created if needed) for as long as the returned file stays
+    open:
     a second run into the same folder fails at once. The kernel drops the lock when the process
     ends, SIGKILL included, so a killed run never leaves a stale lock behind.
 
@@ -96,8 +108,11 @@ def lock_folder(folder: Path):
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         f.close()
-        raise RunError(f"{folder} is in use by another run (it holds {folder / '.lock'}); wait for it or choose "
-                       f"another folder") from None
+        raise RunError(
+            f"{folder} is in use by another run (it holds {folder / '.lock'}); wait for it or "
+            f"choose "
+            f"another folder"
+        ) from None
     f.seek(0)
     f.truncate()
     f.write(f"{os.getpid()}\n")
@@ -120,8 +135,11 @@ def changed_settings(saved_path: Path, cfg, may_change: set[str]) -> list[str]:
     if not saved_path.is_file():
         return []  # killed before the run wrote anything: nothing to compare
     saved, now = load_toml(saved_path), to_dict(cfg)
-    return [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in sorted(set(saved) & set(now))
-            if k not in may_change and saved[k] != now[k]]
+    return [
+        f"{k}: {saved[k]!r} -> {now[k]!r}"
+        for k in sorted(set(saved) & set(now))
+        if k not in may_change and saved[k] != now[k]
+    ]
 
 
 def check_resume_config(out: Path, cfg: ResAlignConfig) -> None:
@@ -137,8 +155,10 @@ def check_resume_config(out: Path, cfg: ResAlignConfig) -> None:
         raise RunError(f"--resume: {e}") from None
     if changed:
         changes = ", ".join(changed)
-        raise RunError(f"--resume: {saved_path} was written with other settings ({changes}); "
-                       f"resume with the same settings or start another --run_name")
+        raise RunError(
+            f"--resume: {saved_path} was written with other settings ({changes}); "
+            f"resume with the same settings or start another --run_name"
+        )
 
 
 def pick_device(name: str) -> torch.device:
@@ -150,7 +170,8 @@ def pick_device(name: str) -> torch.device:
 
 
 def load_data(cfg: ResAlignConfig, model, device: torch.device) -> dict:
-    """Encoded D_harmful, D_preserve, D_FT (digits world unless folders are given), plus sample prompts."""
+    """Encoded D_harmful, D_preserve, D_FT (digits world unless folders are given), plus sample
+    prompts."""
     from resalign_fast.data.digits import caption, digits_world
     from resalign_fast.data.encoded import encode_set
     from resalign_fast.data.sets import load_image_folder
@@ -158,51 +179,81 @@ def load_data(cfg: ResAlignConfig, model, device: torch.device) -> dict:
     folders = {"harmful": cfg.harmful_data, "preserve": cfg.preserve_data, "ft": cfg.ft_data}
     given = [k for k, v in folders.items() if v]
     if given and len(given) != 3:
-        raise RunError(f"give all three of --harmful_data, --preserve_data, --ft_data (got only {given})")
+        raise RunError(
+            f"give all three of --harmful_data, --preserve_data, --ft_data (got only {given})"
+        )
     if given:
-        sets = {k: load_image_folder(v, model.resolution, model.image_channels) for k, v in folders.items()}
+        sets = {
+            k: load_image_folder(v, model.resolution, model.image_channels)
+            for k, v in folders.items()
+        }
         harm_prompts = list(dict.fromkeys(sets["harmful"].prompts))[:2]
         benign_prompts = list(dict.fromkeys(sets["preserve"].prompts))[:4]
     else:
         if model.resolution != 16 or model.image_channels != 1:
-            raise RunError(f"the digits world needs the digits model (16x16 greyscale); {model.source} is "
-                           f"{model.resolution}px x {model.image_channels} channels: pass --harmful_data etc.")
+            raise RunError(
+                f"the digits world needs the digits model (16x16 greyscale); {model.source} is "
+                f"{model.resolution}px x {model.image_channels} channels: pass --harmful_data etc."
+            )
         sets = digits_world(cfg.concept, model.resolution, cfg.seed)
         harm_prompts = [caption(cfg.concept, 0), caption(cfg.concept, 1)]
-        benign_prompts = [caption(d, 0) for d in range(10) if d != cfg.concept]  # every benign digit: drift shows
+        benign_prompts = [
+            caption(d, 0) for d in range(10) if d != cfg.concept
+        ]  # every benign digit: drift shows
     cache = Path(cfg.output_dir) / ".cache" if model.vae is not None else None
     enc = {k: encode_set(model, s, device, cache) for k, s in sets.items()}
     enc["_sample_prompts"] = (harm_prompts, benign_prompts)
     return enc
 
 
-def sample_grid(cfg: ResAlignConfig, model, harm: list[str], benign: list[str], path: Path,
-                unet: Optional[torch.nn.Module] = None) -> None:
+def sample_grid(
+    cfg: ResAlignConfig,
+    model,
+    harm: list[str],
+    benign: list[str],
+    path: Path,
+    unet: torch.nn.Module | None = None,
+) -> None:
     """One row per prompt (harmful rows first), samples_per_prompt images each, fixed seed."""
     from resalign_fast.models.sampling import generate, image_grid, save_png
 
     prompts = [p for p in harm + benign for _ in range(cfg.samples_per_prompt)]
-    imgs = generate(model, prompts, steps=cfg.sample_steps, guidance=cfg.guidance, seed=cfg.seed, unet=unet)
+    imgs = generate(
+        model, prompts, steps=cfg.sample_steps, guidance=cfg.guidance, seed=cfg.seed, unet=unet
+    )
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    save_png(image_grid(imgs, nrow=cfg.samples_per_prompt), tmp, scale=4 if model.vae is None else 1)
+    save_png(
+        image_grid(imgs, nrow=cfg.samples_per_prompt), tmp, scale=4 if model.vae is None else 1
+    )
     tmp.replace(path)
     write_atomic(path.with_suffix(".txt"), "\n".join(harm + benign) + "\n")
 
 
 def checkpoint_save(ckpt_dir: Path, algo, step: int) -> None:
-    """Atomically write theta, the outer optimizer state and the step (write to .tmp, fsync, rename).
+    """Atomically write theta, the outer optimizer state and the step (write to .tmp, fsync,
+    rename).
 
     Raises:
         RunError: theta holds NaN/inf (the previous checkpoint is kept).
     """
     if not all(torch.isfinite(p).all() for p in algo.theta):
-        raise RunError(f"outer step {step}: theta holds NaN or inf, not checkpointed (the previous checkpoint is kept)")
-    save_atomic({"step": step, "theta": [p.detach().cpu() for p in algo.theta], "opt": algo.opt.state_dict(),
-                 "warm_vectors": getattr(algo, "warm_vectors", {}), "carry": getattr(algo, "carry", {})},
-                ckpt_dir / CKPT)
+        raise RunError(
+            f"outer step {step}: theta holds NaN or inf, not checkpointed (the previous checkpoint "
+            f"is kept)"
+        )
+    save_atomic(
+        {
+            "step": step,
+            "theta": [p.detach().cpu() for p in algo.theta],
+            "opt": algo.opt.state_dict(),
+            "warm_vectors": getattr(algo, "warm_vectors", {}),
+            "carry": getattr(algo, "carry", {}),
+        },
+        ckpt_dir / CKPT,
+    )
 
 
-def checkpoint_read(ckpt_dir: Path) -> Optional[dict]:
+def checkpoint_read(ckpt_dir: Path) -> dict | None:
     """The last checkpoint's contents (weights_only load), or None when there is none.
 
     Raises:
@@ -216,24 +267,32 @@ def checkpoint_read(ckpt_dir: Path) -> Optional[dict]:
         if not (isinstance(st, dict) and {"step", "theta", "opt"} <= set(st)):
             raise ValueError("missing step/theta/opt")
     except Exception as e:  # unreadable or not a weights-only file: say which
-        raise RunError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise RunError(
+            f"{path}: cannot read the checkpoint ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
     return st
 
 
-def checkpoint_load(ckpt_dir: Path, algo, state: Optional[dict] = None) -> int:
-    """Restore the last checkpoint (or `state`, from `checkpoint_read`) into `algo`; returns the next outer step (0 if none)."""
+def checkpoint_load(ckpt_dir: Path, algo, state: dict | None = None) -> int:
+    """Restore the last checkpoint (or `state`, from `checkpoint_read`) into `algo`; returns the
+    next outer step (0 if none)."""
     path = ckpt_dir / CKPT
     st = state if state is not None else checkpoint_read(ckpt_dir)
     if st is None:
         log.warning("--resume: no checkpoint in %s, starting from step 0", ckpt_dir)
         return 0
-    if len(st["theta"]) != len(algo.theta) or any(a.shape != b.shape for a, b in zip(st["theta"], algo.theta)):
+    if len(st["theta"]) != len(algo.theta) or any(
+        a.shape != b.shape for a, b in zip(st["theta"], algo.theta)
+    ):
         raise RunError(f"{path}: checkpoint does not match this configuration (different theta)")
     with torch.no_grad():
         for p, v in zip(algo.theta, st["theta"]):
             p.copy_(v)
     algo.opt.load_state_dict(st["opt"])
-    algo.warm_vectors = dict(st.get("warm_vectors", {}))  # the stable guard's warm starts: an exact resume
+    algo.warm_vectors = dict(
+        st.get("warm_vectors", {})
+    )  # the stable guard's warm starts: an exact resume
     algo.carry = dict(st.get("carry", {}))  # ft_carry's simulations in progress
     return int(st["step"])
 
@@ -245,65 +304,11 @@ def truncate_metrics(path: Path, steps: int) -> None:
         write_atomic(path, "".join(lines))
 
 
-def export_run(out: Path, cfg: ResAlignConfig, model, algo) -> None:
-    """model/ (full diffusers folder with the merged UNet) and lora/ (theta's adapter, LoRA theta only).
-
-    model/ loads with `StableDiffusionPipeline.from_pretrained` when the base is an SD pipeline;
-    lora/ loads onto the base model with `pipe.load_lora_weights(out / "lora")`.
-
-    Both are written into a temporary folder and renamed into place (`atomic_dir`): a kill during
-    the export leaves no model/ (or the previous complete one), never a half-written one.
-
-    Raises:
-        RunError: theta holds NaN/inf, or the merged state dict does not fit; nothing is saved.
-        ModelDiverged: the merged UNet's weights or probe output are non-finite or exploding
-            (`models.health`); nothing is saved.
-    """
-    from resalign_fast.models.health import UnhealthyModel, check_unet
-    from resalign_fast.models.pipeline import save_model
-
-    if not all(torch.isfinite(p).all() for p in algo.theta):
-        raise RunError("theta holds NaN or inf: not exporting (the last good checkpoint is in checkpoints/)")
-    unet = model.unet
-    lora = cfg.theta == "lora"
-    try:
-        plain = plain_unet(unet, algo.theta if lora else None, algo.space if lora else None)
-    except ValueError as e:
-        raise RunError(f"export: merged {e}") from None
-    try:
-        check_unet(plain, model)
-    except UnhealthyModel as e:
-        raise ModelDiverged(f"the unlearned model is broken: {e}; not exporting") from None
-    with atomic_dir(out / "model") as tmp:
-        save_model(model, tmp, unet=plain, extra={"resalign_fast_run": str(out.name)})
-    if cfg.theta == "lora":
-        with atomic_dir(out / "lora") as tmp:
-            _save_lora(tmp, cfg, unet)
-
-
-def plain_unet(unet: torch.nn.Module, values=None, space=None) -> torch.nn.Module:
-    """A plain diffusers UNet (no adapter) on unet's device holding unet's weights, with the LoRA
-    `values` of `space` (a `models.lora.ParamSpace`) merged in; values None: the weights as they
-    are.
-
-    Raises:
-        ValueError: the merged state dict does not fit the plain UNet (keys named).
-    """
-    from diffusers import UNet2DConditionModel
-
-    from resalign_fast.models.lora import merged_state_dict
-
-    plain = UNet2DConditionModel.from_config(unet.config)
-    sd = merged_state_dict(unet, values, space)
-    missing, unexpected = plain.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"state dict mismatch (missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]})")
-    return plain.to(next(unet.parameters()).device)
-
-
-def exit_status(body: Callable[[], Optional[Path]], bad_input: tuple[type[BaseException], ...],
-                numerical: tuple[type[BaseException], ...] = ()) -> int:
+def exit_status(
+    body: Callable[[], Path | None],
+    bad_input: tuple[type[BaseException], ...],
+    numerical: tuple[type[BaseException], ...] = (),
+) -> int:
     """Run an entry point's `body` and map its outcome to the exit status.
 
     Args:
@@ -325,20 +330,3 @@ def exit_status(body: Callable[[], Optional[Path]], bad_input: tuple[type[BaseEx
     if out is not None:
         print(f"done: {out}")
     return 0
-
-
-def _save_lora(folder: Path, cfg: ResAlignConfig, unet) -> None:
-    """theta's adapter in diffusers' LoRA format (+ adapter_config.json) into `folder`."""
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    # the adapter's LoraConfig travels in the file's metadata, so that load_lora_weights applies
-    # alpha/rank (without it diffusers assumes alpha = rank)
-    meta = {k: v for k, v in unet.peft_config["default"].to_dict().items() if k in ("r", "lora_alpha", "target_modules")}
-    meta["target_modules"] = sorted(meta["target_modules"]) if isinstance(meta["target_modules"], (set, list)) else meta["target_modules"]
-    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True,
-                                              unet_lora_adapter_metadata=meta)
-    (folder / "adapter_config.json").write_text(json.dumps(
-        {"r": cfg.lora_rank, "lora_alpha": cfg.lora_alpha, "placement": cfg.lora_placement}, indent=2))

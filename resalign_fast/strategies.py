@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -37,7 +38,8 @@ if TYPE_CHECKING:
 
 
 class SimulationFault(ArithmeticError):
-    """One configuration's simulated fine-tuning went non-finite (handled per nan_policy by `step`)."""
+    """One configuration's simulated fine-tuning went non-finite (handled per nan_policy by
+    `step`)."""
 
 
 @dataclass
@@ -45,7 +47,8 @@ class DirectGrad:
     """What `ResAlign.direct_grad` computes at theta for outer step `step`.
 
     Attributes:
-        theta: detached leaves of theta that require grad (the point every configuration starts from).
+        theta: detached leaves of theta that require grad (the point every configuration starts
+            from).
         grads: (1 - lambda) grad L_h(theta) + w_r grad R(theta), shaped like theta.
         harmful_batch: the L_h batch, reused for L_h(theta*).
         harmful, preserve: L_h(theta) and R(theta).
@@ -62,8 +65,11 @@ class DirectGrad:
 
     def finite(self) -> bool:
         """L_h, R and the direct gradient are all finite."""
-        return (math.isfinite(self.harmful) and math.isfinite(self.preserve)
-                and all(torch.isfinite(g).all() for g in self.grads))
+        return (
+            math.isfinite(self.harmful)
+            and math.isfinite(self.preserve)
+            and all(torch.isfinite(g).all() for g in self.grads)
+        )
 
 
 @dataclass
@@ -104,6 +110,26 @@ class ConfigResult:
     fault: str = ""
 
 
+@dataclass
+class StepResult:
+    """What one outer step measured (one line of metrics.jsonl)."""
+
+    step: int
+    harmful: float
+    preserve: float
+    w_r: float
+    recovered: list[float] = field(default_factory=list)
+    configs: list[str] = field(default_factory=list)
+    hypergrad_norm: float = 0.0
+    direct_norm: float = 0.0
+    retries: int = 0
+    fallbacks: int = 0
+    hvps: int = 0
+    skipped: bool = False
+    seconds: float = 0.0
+    peak_memory_bytes: int = 0
+
+
 def plain(trainer: ResAlign, task: ConfigTask) -> ConfigResult:
     """lambda = 0: the resilience term vanishes; g_C is the direct gradient."""
     return ConfigResult([d.detach().clone() for d in task.direct.grads])
@@ -138,8 +164,9 @@ def in_place(trainer: ResAlign, task: ConfigTask) -> Iterator[list[Tensor]]:
                 return ft_loss(task.problem.space, params, c, batch)
 
             with pass_attention(cfg.attention, False):
-                simulate_inplace(params, loss, optim_spec(c), c.steps,
-                                 offload=cfg.offload_optimizer_state)
+                simulate_inplace(
+                    params, loss, optim_spec(c), c.steps, offload=cfg.offload_optimizer_state
+                )
         yield params
     finally:
         restore(params, backup)
@@ -179,8 +206,10 @@ def unrolled(trainer: ResAlign, task: ConfigTask) -> ConfigResult:
     cfg, c, prob = trainer.cfg, task.config, task.problem
     with trainer.phase("hypergradient"), pass_attention(cfg.attention, False):
         data = trainer.data
-        batches = [ft_batch(c, data["ft"], data["preserve"], trainer.alphas, task.gen)
-                   for _ in range(c.steps)]
+        batches = [
+            ft_batch(c, data["ft"], data["preserve"], trainer.alphas, task.gen)
+            for _ in range(c.steps)
+        ]
         hb = task.direct.harmful_batch
 
         def outer(th: list[Tensor], phi: list[Tensor]) -> Tensor:
@@ -191,8 +220,9 @@ def unrolled(trainer: ResAlign, task: ConfigTask) -> ConfigResult:
 
         phi0 = [p.detach() for p in prob.phi0(task.direct.theta)]
         with pass_attention(cfg.attention, True):
-            v = unrolled_hypergrad(phi0, outer, inner, optim_spec(c), c.steps,
-                                   truncate=cfg.unroll_steps or None)
+            v = unrolled_hypergrad(
+                phi0, outer, inner, optim_spec(c), c.steps, truncate=cfg.unroll_steps or None
+            )
         return ConfigResult([d + x for d, x in zip(task.direct.grads, prob.pullback(v))])
 
 

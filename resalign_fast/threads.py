@@ -42,5 +42,11 @@ def set_threads(requested: int) -> int:
     many, one = _seconds(default), _seconds(1)
     pick = 1 if one <= many else default
     torch.set_num_threads(pick)
-    log.info("num_threads 0: %d thread(s) (measured %.1f ms with 1, %.1f ms with %d)", pick, one * 1e3, many * 1e3, default)
+    log.info(
+        "num_threads 0: %d thread(s) (measured %.1f ms with 1, %.1f ms with %d)",
+        pick,
+        one * 1e3,
+        many * 1e3,
+        default,
+    )
     return pick

@@ -27,11 +27,14 @@ UNET_CONFIG = dict(
     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
 )
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # CUDA: Triton in "chunked" mode
+DEVICES = ["cpu"] + (
+    ["cuda"] if torch.cuda.is_available() else []
+)  # CUDA: Triton in "chunked" mode
 CHUNK = 5  # 64 and 16 query tokens: several chunks, the last one partial
 TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10)}
 # fp32: rounding only (bugs show as O(1) errors; fp64 checks the maths to 1e-10). A double backward
-# through 8 attention layers measured 1.07e-5 on an AVX-512 machine (2026-12-01), so 1e-5 was too tight.
+# through 8 attention layers measured 1.07e-5 on an AVX-512 machine (2026-12-01), so 1e-5 was too
+# tight.
 FP32_REL = 1e-4
 
 
@@ -47,7 +50,8 @@ def _close(got, want, dtype):
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """Tiny ops on a shared 2-core machine: 2 threads made one fp32 HVP take 13-36 s, 1 thread 0.5 s."""
+    """Tiny ops on a shared 2-core machine: 2 threads made one fp32 HVP take 13-36 s, 1 thread
+    0.5 s."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -140,12 +144,22 @@ def test_unet_hvp_matches_attnprocessor(unet64, mode, hvp, dtype, device):
 
 @pytest.mark.parametrize("mode", ["fused", "chunked", "math"])
 def test_attention_module_norms_masks_residual(mode):
-    """A VAE-style attention (group norm, 4-D input, residual, rescale) and a masked cross-attention."""
+    """A VAE-style attention (group norm, 4-D input, residual, rescale) and a masked
+    cross-attention."""
     torch.manual_seed(3)
     dt = torch.float64
-    spatial = Attention(8, heads=2, dim_head=4, norm_num_groups=4, residual_connection=True,
-                        rescale_output_factor=2.0, bias=True).to(dt)
-    cross = Attention(8, cross_attention_dim=6, heads=2, dim_head=3, cross_attention_norm="layer_norm").to(dt)
+    spatial = Attention(
+        8,
+        heads=2,
+        dim_head=4,
+        norm_num_groups=4,
+        residual_connection=True,
+        rescale_output_factor=2.0,
+        bias=True,
+    ).to(dt)
+    cross = Attention(
+        8, cross_attention_dim=6, heads=2, dim_head=3, cross_attention_norm="layer_norm"
+    ).to(dt)
     h4 = torch.randn(2, 8, 3, 5, dtype=dt, requires_grad=True)
     h3 = torch.randn(2, 11, 8, dtype=dt, requires_grad=True)
     enc = torch.randn(2, 9, 6, dtype=dt, requires_grad=True)

@@ -29,26 +29,61 @@ def _folder(path, n=4, size=16, mode="L", seed=0):
 
 
 def _args(model_dir, ft_space, out, data=None, *extra):
-    a = ["--pretrained_model_name_or_path", str(model_dir), "--ft_space", str(ft_space), "--output_dir", str(out),
-         "--run_name", "r", "--outer_steps", "1", "--configs_per_step", "1", "--batch_size", "2", "--iters", "1",
-         "--samples_per_prompt", "0", "--no-progress", "--device", "cpu", "--checkpoint_every", "1"]
+    a = [
+        "--pretrained_model_name_or_path",
+        str(model_dir),
+        "--ft_space",
+        str(ft_space),
+        "--output_dir",
+        str(out),
+        "--run_name",
+        "r",
+        "--outer_steps",
+        "1",
+        "--configs_per_step",
+        "1",
+        "--batch_size",
+        "2",
+        "--iters",
+        "1",
+        "--samples_per_prompt",
+        "0",
+        "--no-progress",
+        "--device",
+        "cpu",
+        "--checkpoint_every",
+        "1",
+    ]
     if data is not None:
         a += ["--harmful_data", str(data), "--preserve_data", str(data), "--ft_data", str(data)]
     return a + list(extra)
 
 
 def _snapshot(folder):
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
-# --- images and metadata ---------------------------------------------------------------------------
-@pytest.mark.parametrize("mode, value, channels, want", [
-    ("RGBA", (200, 10, 60, 7), 3, (200, 10, 60)),          # alpha dropped
-    ("L", 77, 3, (77, 77, 77)),                             # greyscale replicated
-    ("P", None, 3, (30, 140, 250)),                         # palette looked up
-    ("I;16", 40000, 1, (round(40000 / 257),)),              # 16-bit scaled, not clipped
-    ("RGB", (200, 10, 60), 1, (round((200 * 299 + 10 * 587 + 60 * 114) / 1000),)),  # ITU-R 601 luma
-])
+# --- images and metadata
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "mode, value, channels, want",
+    [
+        ("RGBA", (200, 10, 60, 7), 3, (200, 10, 60)),  # alpha dropped
+        ("L", 77, 3, (77, 77, 77)),  # greyscale replicated
+        ("P", None, 3, (30, 140, 250)),  # palette looked up
+        ("I;16", 40000, 1, (round(40000 / 257),)),  # 16-bit scaled, not clipped
+        (
+            "RGB",
+            (200, 10, 60),
+            1,
+            (round((200 * 299 + 10 * 587 + 60 * 114) / 1000),),
+        ),  # ITU-R 601 luma
+    ],
+)
 @pytest.mark.parametrize("size", [(20, 12), (5, 5), (40, 40)])
 def test_modes_and_sizes_convert_to_closed_form(tmp_path, mode, value, channels, want, size):
     if mode == "P":
@@ -71,12 +106,16 @@ def test_corrupt_missing_and_foreign_files_are_skipped_and_counted(tmp_path, cap
     _folder(tmp_path, n=2)
     good = (tmp_path / "0.png").read_bytes()
     (tmp_path / "trunc.png").write_bytes(good[: len(good) // 2])
-    (tmp_path / "junk.png").write_bytes(np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8).tobytes())
+    (tmp_path / "junk.png").write_bytes(
+        np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8).tobytes()
+    )
     (tmp_path / "notes.txt").write_text("hello")
     Image.fromarray(np.zeros((4, 4), np.float32), "F").save(tmp_path / "float.tiff")
     shutil.copy(tmp_path / "float.tiff", tmp_path / "float.png")
     extra = ["trunc.png,t", "junk.png,j", "missing.png,m", "notes.txt,n", "float.png,f"]
-    (tmp_path / "metadata.csv").write_text((tmp_path / "metadata.csv").read_text() + "\n".join(extra) + "\n")
+    (tmp_path / "metadata.csv").write_text(
+        (tmp_path / "metadata.csv").read_text() + "\n".join(extra) + "\n"
+    )
     with caplog.at_level(logging.WARNING):
         s = load_image_folder(tmp_path, 16, 1)
     assert len(s) == 2 and s.prompts == ["a digit 0", "a digit 1"]
@@ -84,16 +123,38 @@ def test_corrupt_missing_and_foreign_files_are_skipped_and_counted(tmp_path, cap
     assert "skipped 5 of 7" in caplog.text and "missing.png" in caplog.text
 
 
-@pytest.mark.parametrize("make, msg", [
-    (lambda d: None, "not a directory"),
-    (lambda d: _folder(d).joinpath("metadata.csv").unlink(), "metadata.csv: missing"),
-    (lambda d: _folder(d).joinpath("metadata.csv").write_text("name,text\n0.png,a\n"), "no 'file_name' column"),
-    (lambda d: _folder(d).joinpath("metadata.csv").write_text("file_name,label\n0.png,a\n"), "no caption column"),
-    (lambda d: _folder(d).joinpath("metadata.csv").write_text("file_name,text\n"), "no rows"),
-    (lambda d: _folder(d).joinpath("metadata.csv").write_text("file_name,text\n0.png,a,extra\n"), "metadata.csv:2: malformed"),
-    (lambda d: _folder(d).joinpath("metadata.csv").write_bytes(b"file_name,text\n0.png,\xff\xfe\n"), "not UTF-8"),
-    (lambda d: [p.write_bytes(b"x") for p in _folder(d).glob("*.png")], "no usable image among 4 rows"),
-])
+@pytest.mark.parametrize(
+    "make, msg",
+    [
+        (lambda d: None, "not a directory"),
+        (lambda d: _folder(d).joinpath("metadata.csv").unlink(), "metadata.csv: missing"),
+        (
+            lambda d: _folder(d).joinpath("metadata.csv").write_text("name,text\n0.png,a\n"),
+            "no 'file_name' column",
+        ),
+        (
+            lambda d: _folder(d).joinpath("metadata.csv").write_text("file_name,label\n0.png,a\n"),
+            "no caption column",
+        ),
+        (lambda d: _folder(d).joinpath("metadata.csv").write_text("file_name,text\n"), "no rows"),
+        (
+            lambda d: (
+                _folder(d).joinpath("metadata.csv").write_text("file_name,text\n0.png,a,extra\n")
+            ),
+            "metadata.csv:2: malformed",
+        ),
+        (
+            lambda d: (
+                _folder(d).joinpath("metadata.csv").write_bytes(b"file_name,text\n0.png,\xff\xfe\n")
+            ),
+            "not UTF-8",
+        ),
+        (
+            lambda d: [p.write_bytes(b"x") for p in _folder(d).glob("*.png")],
+            "no usable image among 4 rows",
+        ),
+    ],
+)
 def test_unusable_folder_is_one_error_naming_it(tmp_path, make, msg):
     d = tmp_path / "data"
     make(d)
@@ -102,15 +163,21 @@ def test_unusable_folder_is_one_error_naming_it(tmp_path, make, msg):
     assert msg in str(e.value)
 
 
-# --- configuration -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("toml, flags, msg", [
-    ("bogus_key = 1\n", [], "unknown key(s) ['bogus_key']"),
-    ("outer_steps = 'many'\n", [], "outer_steps: expected int"),
-    ("lam = [\n", [], "not valid TOML"),
-    ("", ["--batch_size", "0"], "batch_size: 0 is below the minimum 1"),
-    ("", ["--nan_policy", "ignore"], None),  # argparse choices: exit status 2 via SystemExit
-])
-def test_bad_settings_name_the_key(tiny_model_dir, tiny_ft_space, tmp_path, capsys, toml, flags, msg):
+# --- configuration
+# -----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "toml, flags, msg",
+    [
+        ("bogus_key = 1\n", [], "unknown key(s) ['bogus_key']"),
+        ("outer_steps = 'many'\n", [], "outer_steps: expected int"),
+        ("lam = [\n", [], "not valid TOML"),
+        ("", ["--batch_size", "0"], "batch_size: 0 is below the minimum 1"),
+        ("", ["--nan_policy", "ignore"], None),  # argparse choices: exit status 2 via SystemExit
+    ],
+)
+def test_bad_settings_name_the_key(
+    tiny_model_dir, tiny_ft_space, tmp_path, capsys, toml, flags, msg
+):
     cfg = tmp_path / "run.toml"
     cfg.write_text(toml)
     argv = _args(tiny_model_dir, tiny_ft_space, tmp_path / "out") + ["--config", str(cfg)] + flags
@@ -127,13 +194,14 @@ def test_bad_settings_name_the_key(tiny_model_dir, tiny_ft_space, tmp_path, caps
 
 def test_bad_ft_space_names_file_and_key(tiny_model_dir, tmp_path, capsys):
     space = tmp_path / "space.toml"
-    space.write_text('[space]\nlr = [1e-3]\nsteps = [2]\nwarmup = [1]\n')
+    space.write_text("[space]\nlr = [1e-3]\nsteps = [2]\nwarmup = [1]\n")
     assert train.main(_args(tiny_model_dir, space, tmp_path / "out")) == 2
     err = capsys.readouterr().err
     assert "space.toml" in err and "warmup" in err
 
 
-# --- model paths and weight files ------------------------------------------------------------------------
+# --- model paths and weight files
+# ------------------------------------------------------------------------
 def test_model_paths_and_pickled_weights(tiny_model_dir, tmp_path):
     with pytest.raises(ModelError, match="hub id.*local diffusers folder"):
         load_model("CompVis/stable-diffusion-v1-4")
@@ -148,19 +216,27 @@ def test_model_paths_and_pickled_weights(tiny_model_dir, tmp_path):
     with pytest.raises(ModelError, match="allow_pickle"):
         load_model(tmp_path / "m")
     ok = load_model(tmp_path / "m", allow_pickle=True)
-    assert all(torch.equal(a, b) for a, b in zip(ok.unet.state_dict().values(), ref.unet.state_dict().values()))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(ok.unet.state_dict().values(), ref.unet.state_dict().values())
+    )
     (tmp_path / "sd.ckpt").write_bytes(b"\x80\x04pickle")
     with pytest.raises(ModelError, match="pickled checkpoint.*allow_pickle"):
         load_model(tmp_path / "sd.ckpt")
     from safetensors.torch import save_file
 
     save_file({"w": torch.zeros(2)}, str(tmp_path / "odd.safetensors"))
-    with pytest.raises(ModelError, match="odd.safetensors: could not load .* offline.*single_file_config"):
+    with pytest.raises(
+        ModelError, match="odd.safetensors: could not load .* offline.*single_file_config"
+    ):
         load_model(tmp_path / "odd.safetensors")
 
 
-# --- nothing written before is lost -----------------------------------------------------------------------
-def test_failed_runs_leave_an_existing_run_untouched(tiny_model_dir, tiny_ft_space, tmp_path, capsys):
+# --- nothing written before is lost
+# -----------------------------------------------------------------------
+def test_failed_runs_leave_an_existing_run_untouched(
+    tiny_model_dir, tiny_ft_space, tmp_path, capsys
+):
     data = _folder(tmp_path / "data", n=4)
     args = _args(tiny_model_dir, tiny_ft_space, tmp_path / "out", data)
     assert train.main(args) == 0
@@ -181,9 +257,11 @@ def test_failed_runs_leave_an_existing_run_untouched(tiny_model_dir, tiny_ft_spa
     assert _snapshot(run) == before
 
 
-# --- NaN / inf ---------------------------------------------------------------------------------------------
+# --- NaN / inf
+# ---------------------------------------------------------------------------------------------
 def _nan_at(step_calls, fn, make_nan):
-    """Wrap fn so that its call number `step_calls` (0-based, one call per outer step here) returns NaN."""
+    """Wrap fn so that its call number `step_calls` (0-based, one call per outer step here)
+    returns NaN."""
     n = {"i": -1}
 
     def wrapped(*a, **k):
@@ -209,23 +287,48 @@ def _theta_per_step(monkeypatch):
 
 
 # (function in bilevel, its call number in outer step 1 with k = 1, how to spoil its result)
-# The loss injection spoils ga_loss, so these runs pass --harmful_loss ga (the digits default is esd).
-SPOIL = {"loss": ("ga_loss", 2, lambda loss: loss * float("nan")),  # two calls per step: at theta, at theta*
-         "simulation": ("simulate_finetune", 1, lambda phi: [p * float("nan") for p in phi]),
-         "hypergradient": ("stable_hypergrad", 1, lambda r: ([g * float("inf") for g in r[0]], *r[1:])),
-         "hypergradient-reference": ("guarded_hypergrad", 1, lambda r: ([g * float("inf") for g in r[0]], r[1]))}
+# The loss injection spoils ga_loss, so these runs pass --harmful_loss ga (the digits default is
+# esd).
+SPOIL = {
+    "loss": (
+        "ga_loss",
+        2,
+        lambda loss: loss * float("nan"),
+    ),  # two calls per step: at theta, at theta*
+    "simulation": ("simulate_finetune", 1, lambda phi: [p * float("nan") for p in phi]),
+    "hypergradient": ("stable_hypergrad", 1, lambda r: ([g * float("inf") for g in r[0]], *r[1:])),
+    "hypergradient-reference": (
+        "guarded_hypergrad",
+        1,
+        lambda r: ([g * float("inf") for g in r[0]], r[1]),
+    ),
+}
 
 
 @pytest.mark.parametrize("where", sorted(SPOIL))
-def test_nan_skip_policy_skips_the_step_and_logs_it(tiny_model_dir, tiny_ft_space, tmp_path, monkeypatch, caplog, where):
-    from resalign_fast import bilevel
+def test_nan_skip_policy_skips_the_step_and_logs_it(
+    tiny_model_dir, tiny_ft_space, tmp_path, monkeypatch, caplog, where
+):
+    from resalign_fast import bilevel, unlearning
 
     name, call, spoil = SPOIL[where]
-    monkeypatch.setattr(bilevel, name, _nan_at(call, getattr(bilevel, name), spoil))
+    module = unlearning if name == "ga_loss" else bilevel  # L_h lives with the step's objectives
+    monkeypatch.setattr(module, name, _nan_at(call, getattr(module, name), spoil))
     seen = _theta_per_step(monkeypatch)
     guard = ["--guard", "reference"] if where.endswith("reference") else []
-    args = _args(tiny_model_dir, tiny_ft_space, tmp_path, None, "--outer_steps", "3", "--lr", "1e-2", "--harmful_loss", "ga",
-                 *guard)
+    args = _args(
+        tiny_model_dir,
+        tiny_ft_space,
+        tmp_path,
+        None,
+        "--outer_steps",
+        "3",
+        "--lr",
+        "1e-2",
+        "--harmful_loss",
+        "ga",
+        *guard,
+    )
     with caplog.at_level(logging.ERROR, logger="resalign_fast.bilevel"):
         assert train.main(args) == 0
     metrics = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
@@ -236,13 +339,25 @@ def test_nan_skip_policy_skips_the_step_and_logs_it(tiny_model_dir, tiny_ft_spac
     assert all(torch.isfinite(p).all() for s in seen.values() for p in s)
 
 
-def test_nan_abort_policy_stops_with_finite_checkpoint(tiny_model_dir, tiny_ft_space, tmp_path, monkeypatch, capsys):
-    from resalign_fast import bilevel
+def test_nan_abort_policy_stops_with_finite_checkpoint(
+    tiny_model_dir, tiny_ft_space, tmp_path, monkeypatch, capsys
+):
+    from resalign_fast import unlearning
 
     name, call, spoil = SPOIL["loss"]
-    monkeypatch.setattr(bilevel, name, _nan_at(call, getattr(bilevel, name), spoil))
-    args = _args(tiny_model_dir, tiny_ft_space, tmp_path, None, "--outer_steps", "3", "--nan_policy", "abort",
-                 "--harmful_loss", "ga")
+    monkeypatch.setattr(unlearning, name, _nan_at(call, getattr(unlearning, name), spoil))
+    args = _args(
+        tiny_model_dir,
+        tiny_ft_space,
+        tmp_path,
+        None,
+        "--outer_steps",
+        "3",
+        "--nan_policy",
+        "abort",
+        "--harmful_loss",
+        "ga",
+    )
     assert train.main(args) == 3
     err = capsys.readouterr().err
     assert "outer step 1" in err and "non-finite" in err and "--resume" in err
@@ -263,20 +378,31 @@ def test_non_finite_theta_is_never_checkpointed(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-# --- prepare_data --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("content, name, msg", [
-    (None, "p.csv", "no such prompt file"),
-    ("id,label\n1,x\n", "p.csv", "no prompt column one of ('prompt', 'text', 'caption')"),
-    ("prompt\n\n \n", "p.csv", "no prompts"),
-    (b"caf\xe9\n", "p.txt", "not UTF-8"),
-])
+# --- prepare_data
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "content, name, msg",
+    [
+        (None, "p.csv", "no such prompt file"),
+        ("id,label\n1,x\n", "p.csv", "no prompt column one of ('prompt', 'text', 'caption')"),
+        ("prompt\n\n \n", "p.csv", "no prompts"),
+        (b"caf\xe9\n", "p.txt", "not UTF-8"),
+    ],
+)
 def test_prepare_data_bad_prompts_one_message(tiny_model_dir, tmp_path, capsys, content, name, msg):
     from resalign_fast import prepare_data
 
     f = tmp_path / name
     if content is not None:
         f.write_bytes(content if isinstance(content, bytes) else content.encode())
-    argv = ["--prompts", str(f), "--out", str(tmp_path / "out"), "--pretrained_model_name_or_path", str(tiny_model_dir)]
+    argv = [
+        "--prompts",
+        str(f),
+        "--out",
+        str(tmp_path / "out"),
+        "--pretrained_model_name_or_path",
+        str(tiny_model_dir),
+    ]
     assert prepare_data.main(argv) == 2
     err = capsys.readouterr().err
     assert name in err and msg in err and "Traceback" not in err
@@ -287,13 +413,32 @@ def test_prepare_data_keeps_existing_output_and_resumes_exactly(tiny_model_dir, 
     from resalign_fast import prepare_data
 
     (tmp_path / "p.txt").write_text("a digit one\na digit two\na digit three\n")
-    argv = ["--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "out"), "--pretrained_model_name_or_path",
-            str(tiny_model_dir), "--steps", "2", "--guidance", "1", "--batch_size", "2", "--device", "cpu"]
+    argv = [
+        "--prompts",
+        str(tmp_path / "p.txt"),
+        "--out",
+        str(tmp_path / "out"),
+        "--pretrained_model_name_or_path",
+        str(tiny_model_dir),
+        "--steps",
+        "2",
+        "--guidance",
+        "1",
+        "--batch_size",
+        "2",
+        "--device",
+        "cpu",
+    ]
     assert prepare_data.main(argv) == 0
     before = _snapshot(tmp_path / "out")
-    assert prepare_data.main(argv) == 2 and "not empty" in capsys.readouterr().err  # never overwritten
+    assert (
+        prepare_data.main(argv) == 2 and "not empty" in capsys.readouterr().err
+    )  # never overwritten
     assert _snapshot(tmp_path / "out") == before
-    assert prepare_data.main(argv + ["--resume", "--seed", "1"]) == 2 and "seed" in capsys.readouterr().err
+    assert (
+        prepare_data.main(argv + ["--resume", "--seed", "1"]) == 2
+        and "seed" in capsys.readouterr().err
+    )
     (tmp_path / "out" / "000002.png").unlink()  # as if killed during the second batch
     assert prepare_data.main(argv + ["--resume"]) == 0
     assert "(1 images generated)" in capsys.readouterr().out

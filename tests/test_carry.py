@@ -1,5 +1,5 @@
-"""ft_carry: a configuration slot's simulated fine-tuning continues across outer steps, restarts at its
-horizon, and an interrupted run resumes it exactly."""
+"""ft_carry: a configuration slot's simulated fine-tuning continues across outer steps, restarts at
+its horizon, and an interrupted run resumes it exactly."""
 
 import json
 
@@ -10,15 +10,46 @@ from resalign_fast import train
 
 def _space(tmp_path):
     p = tmp_path / "one.toml"
-    p.write_text('[[configs]]\nlr = 1e-3\nsteps = 2\nalgorithm = "full"\noptimizer = "adamw"\n[fixed]\nbatch_size = 2\n')
+    p.write_text(
+        '[[configs]]\nlr = 1e-3\nsteps = 2\nalgorithm = "full"\noptimizer = '
+        '"adamw"\n[fixed]\nbatch_size = 2\n'
+    )
     return p
 
 
 def _args(model_dir, space, out, name, steps, *extra):
-    return ["--pretrained_model_name_or_path", str(model_dir), "--ft_space", str(space), "--output_dir", str(out),
-            "--run_name", name, "--outer_steps", str(steps), "--checkpoint_every", "2", "--configs_per_step", "1",
-            "--batch_size", "2", "--iters", "2", "--lr", "1e-2", "--samples_per_prompt", "0", "--no-progress",
-            "--device", "cpu", "--ft_carry", "4", "--hypergrad", "first_order", *extra]
+    return [
+        "--pretrained_model_name_or_path",
+        str(model_dir),
+        "--ft_space",
+        str(space),
+        "--output_dir",
+        str(out),
+        "--run_name",
+        name,
+        "--outer_steps",
+        str(steps),
+        "--checkpoint_every",
+        "2",
+        "--configs_per_step",
+        "1",
+        "--batch_size",
+        "2",
+        "--iters",
+        "2",
+        "--lr",
+        "1e-2",
+        "--samples_per_prompt",
+        "0",
+        "--no-progress",
+        "--device",
+        "cpu",
+        "--ft_carry",
+        "4",
+        "--hypergrad",
+        "first_order",
+        *extra,
+    ]
 
 
 def test_carry_continues_restarts_and_resumes(tiny_model_dir, tmp_path, monkeypatch):
@@ -33,7 +64,8 @@ def test_carry_continues_restarts_and_resumes(tiny_model_dir, tmp_path, monkeypa
     assert train.main(_args(tiny_model_dir, space, tmp_path, "fresh", 3, "--ft_carry", "0")) == 0
     fresh = torch.load(tmp_path / "fresh" / "checkpoints" / "last.pt", weights_only=True)
     assert not all(torch.equal(a, b) for a, b in zip(ck["theta"], fresh["theta"]))
-    # interrupted in outer step 2 (after the checkpoint of steps 0-1), then --resume: the same theta bit
+    # interrupted in outer step 2 (after the checkpoint of steps 0-1), then --resume: the same theta
+    # bit
     # for bit (the carry is checkpointed)
     from resalign_fast.bilevel import ResAlign
 
@@ -50,10 +82,14 @@ def test_carry_continues_restarts_and_resumes(tiny_model_dir, tmp_path, monkeypa
     except KeyboardInterrupt:
         pass
     monkeypatch.setattr(ResAlign, "step", step)
-    assert torch.load(tmp_path / "split" / "checkpoints" / "last.pt", weights_only=True)["step"] == 2
+    assert (
+        torch.load(tmp_path / "split" / "checkpoints" / "last.pt", weights_only=True)["step"] == 2
+    )
     assert train.main(_args(tiny_model_dir, space, tmp_path, "split", 3, "--resume")) == 0
     res = torch.load(tmp_path / "split" / "checkpoints" / "last.pt", weights_only=True)
     assert all(torch.equal(a, b) for a, b in zip(ck["theta"], res["theta"]))
-    m_a = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    m_a = [
+        json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
+    ]
     m_b = [json.loads(x) for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
     assert [m["recovered"] for m in m_a] == [m["recovered"] for m in m_b]

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from tiny import tiny_unet_config
+
 from resalign_fast.hypergrad import make_hvp
 from resalign_fast.models.checkpointing import enable_checkpointing
 from resalign_fast.models.lora import ParamSpace, add_lora, lora_names
@@ -26,7 +26,10 @@ def _setup(checkpointing: str):
         for p in sp.values():
             p.normal_(0, 0.1)
     g = torch.Generator().manual_seed(1)
-    x, e = torch.randn(2, 1, 8, 8, generator=g, dtype=torch.float64), torch.randn(2, 4, 8, generator=g, dtype=torch.float64)
+    x, e = (
+        torch.randn(2, 1, 8, 8, generator=g, dtype=torch.float64),
+        torch.randn(2, 4, 8, generator=g, dtype=torch.float64),
+    )
     t = torch.tensor([10, 600])
     theta = [p.detach().clone() for p in sp.values()]
     v = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in theta]
@@ -47,7 +50,8 @@ def test_checkpointed_hvp_equals_plain(backend):
 
 
 def test_diffusers_default_checkpointing_breaks_under_functional_call():
-    """Why models/checkpointing.py exists: the stock recomputation sees the module's own parameters."""
+    """Why models/checkpointing.py exists: the stock recomputation sees the module's own
+    parameters."""
     loss, theta, v = _setup("diffusers")
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - any failure: torch words it differently by version
         make_hvp(loss, theta, backend="exact")(v)

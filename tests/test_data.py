@@ -1,7 +1,14 @@
 import pytest
 import torch
 
-from resalign_fast.data.digits import all_captions, benign_subset, caption, digits_split, digits_world, load_digit_images
+from resalign_fast.data.digits import (
+    all_captions,
+    benign_subset,
+    caption,
+    digits_split,
+    digits_world,
+    load_digit_images,
+)
 from resalign_fast.data.sets import DataError, load_image_folder
 
 
@@ -41,21 +48,35 @@ def _write_folder(tmp_path, rows, images):
 
     for name, mode, size in images:
         Image.new(mode, size, color=128 if mode == "L" else (10, 200, 30)).save(tmp_path / name)
-    (tmp_path / "metadata.csv").write_text("file_name,text\n" + "".join(f"{a},{b}\n" for a, b in rows))
+    (tmp_path / "metadata.csv").write_text(
+        "file_name,text\n" + "".join(f"{a},{b}\n" for a, b in rows)
+    )
 
 
 def test_image_folder_modes_sizes_and_skips(tmp_path):
-    _write_folder(tmp_path, [("a.png", "grey"), ("b.png", "rgba"), ("c.png", "corrupt"), ("d.png", "missing")],
-                  [("a.png", "L", (20, 30)), ("b.png", "RGBA", (64, 48))])
+    _write_folder(
+        tmp_path,
+        [("a.png", "grey"), ("b.png", "rgba"), ("c.png", "corrupt"), ("d.png", "missing")],
+        [("a.png", "L", (20, 30)), ("b.png", "RGBA", (64, 48))],
+    )
     (tmp_path / "c.png").write_bytes(b"not a png")
     s = load_image_folder(tmp_path, resolution=16, channels=3)
     assert s.images.shape == (2, 3, 16, 16) and s.prompts == ["grey", "rgba"]
     assert {n for n, _ in s.skipped} == {"c.png", "d.png"}
-    assert torch.allclose(s.images[0], torch.full((3, 16, 16), 128 / 127.5 - 1), atol=1.01 / 127.5)  # bicubic: +-1 level
+    assert torch.allclose(
+        s.images[0], torch.full((3, 16, 16), 128 / 127.5 - 1), atol=1.01 / 127.5
+    )  # bicubic: +-1 level
 
 
-@pytest.mark.parametrize("meta, msg", [(None, "missing"), ("name,text\na.png,x\n", "file_name"),
-                                       ("file_name,label\na.png,x\n", "caption column"), ("file_name,text\n", "no rows")])
+@pytest.mark.parametrize(
+    "meta, msg",
+    [
+        (None, "missing"),
+        ("name,text\na.png,x\n", "file_name"),
+        ("file_name,label\na.png,x\n", "caption column"),
+        ("file_name,text\n", "no rows"),
+    ],
+)
 def test_image_folder_metadata_errors(tmp_path, meta, msg):
     if meta is not None:
         (tmp_path / "metadata.csv").write_text(meta)

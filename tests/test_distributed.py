@@ -51,25 +51,71 @@ def test_indices_cover_every_config_once():
 
 def test_gloo_reduction_is_bit_identical_to_sequential_sum():
     env = dict(ENV, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2")
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER], cwd=ROOT, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER],
+            cwd=ROOT,
+            env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
     outs = [p.communicate(timeout=120) for p in procs]
     for r, (p, (out, err)) in enumerate(zip(procs, outs)):
         assert p.returncode == 0 and f"OK {r}" in out, err[-3000:]
 
 
 def _args(model_dir, ft_space, out, name):
-    return ["--pretrained_model_name_or_path", str(model_dir), "--ft_space", str(ft_space), "--output_dir", str(out),
-            "--run_name", name, "--outer_steps", "2", "--configs_per_step", "3", "--batch_size", "2", "--iters", "2",
-            "--lr", "1e-2", "--samples_per_prompt", "0", "--no-progress", "--device", "cpu"]
+    return [
+        "--pretrained_model_name_or_path",
+        str(model_dir),
+        "--ft_space",
+        str(ft_space),
+        "--output_dir",
+        str(out),
+        "--run_name",
+        name,
+        "--outer_steps",
+        "2",
+        "--configs_per_step",
+        "3",
+        "--batch_size",
+        "2",
+        "--iters",
+        "2",
+        "--lr",
+        "1e-2",
+        "--samples_per_prompt",
+        "0",
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
 
 
 def test_torchrun_two_ranks_match_one_process(tiny_model_dir, tiny_ft_space, tmp_path):
     # k = 3 configurations over 2 ranks (uneven: rank 0 runs configs 0 and 2, rank 1 config 1)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", "2",
-           "-m", "resalign_fast.train", *_args(tiny_model_dir, tiny_ft_space, tmp_path, "two")]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert train.main(_args(tiny_model_dir, tiny_ft_space, tmp_path, "one")) == 0  # meanwhile, one process
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "resalign_fast.train",
+        *_args(tiny_model_dir, tiny_ft_space, tmp_path, "two"),
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert (
+        train.main(_args(tiny_model_dir, tiny_ft_space, tmp_path, "one")) == 0
+    )  # meanwhile, one process
     out, err = proc.communicate(timeout=180)
     assert proc.returncode == 0, err[-3000:]
     assert out.count("done:") == 1  # rank 0 alone reports and writes
@@ -82,7 +128,9 @@ def test_torchrun_two_ranks_match_one_process(tiny_model_dir, tiny_ft_space, tmp
     ua = load_file(str(one / "model/unet/diffusion_pytorch_model.safetensors"))
     ub = load_file(str(two / "model/unet/diffusion_pytorch_model.safetensors"))
     assert all(torch.equal(ua[k], ub[k]) for k in ua)
-    ma, mb = ([json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (one, two))
+    ma, mb = (
+        [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (one, two)
+    )
     for m in ma + mb:
         m.pop("seconds"), m.pop("peak_memory_bytes")
     assert ma == mb and all(len(m["configs"]) == 3 and len(m["recovered"]) == 3 for m in ma)

@@ -160,18 +160,23 @@ def test_fd_inplace_quadratic_and_restores_params(gen, terms):
     fns = [lambda p: 0.5 * cat(p) @ a @ cat(p), lambda p: c @ cat(p)]
     x, v = randn(gen, N), randn(gen, N)
     params = _leaf_params(x)
-    h = make_hvp(fns if terms == 2 else (lambda p: fns[0](p) + fns[1](p)), params, backend="fd", inplace=True)
+    h = make_hvp(
+        fns if terms == 2 else (lambda p: fns[0](p) + fns[1](p)), params, backend="fd", inplace=True
+    )
     for _ in range(3):
         hv = h(split(v))
         assert rel(hv, split(a @ v)) < 1e-9
         assert all(not t.requires_grad and t.shape == q.shape for t, q in zip(hv, params))
-    assert float((cat(params).detach() - x).abs().max()) <= 8 * torch.finfo(DT).eps * float(x.abs().max())
+    assert float((cat(params).detach() - x).abs().max()) <= 8 * torch.finfo(DT).eps * float(
+        x.abs().max()
+    )
     assert all(p.grad is None for p in params)
     assert rel(h(split(v)), make_hvp(fns[0], split(x), backend="fd")(split(v))) < 1e-9
 
 
 def test_fd_inplace_richardson_matches_closed_form(gen):
-    # K Richardson iterations with in-place HVPs: v_K = alpha sum_{j<K} (I - alpha (I + gamma A))^j b
+    # K Richardson iterations with in-place HVPs: v_K = alpha sum_{j<K} (I - alpha (I + gamma A))^j
+    # b
     from resalign_fast.hypergrad.solvers import richardson_solve
 
     q, _ = torch.linalg.qr(randn(gen, N, N))
@@ -192,7 +197,9 @@ def test_fd_inplace_unused_params_and_errors(gen):
     h = make_hvp(lambda p: (p[0] ** 3).sum() / 6, params, backend="fd", inplace=True, eps=0.1)
     v = [randn(gen, 3), randn(gen, 2)]
     hv = h(v)
-    assert torch.allclose(hv[0], params[0].detach() * v[0], atol=1e-12) and torch.equal(hv[1], torch.zeros(2, dtype=DT))
+    assert torch.allclose(hv[0], params[0].detach() * v[0], atol=1e-12) and torch.equal(
+        hv[1], torch.zeros(2, dtype=DT)
+    )
     with pytest.raises(ValueError, match="leaf tensor that requires grad"):
         make_hvp(lambda p: p[0].sum(), [torch.zeros(3)], backend="fd", inplace=True)
     with pytest.raises(ValueError, match="only to backend 'fd'"):
@@ -221,8 +228,10 @@ def test_fd_reuses_its_perturbation_buffers(gen, monkeypatch):
     first = list(outs)
     r1_copy = [t.clone() for t in r1]
     h(v2)
-    assert None not in outs and outs[len(first):] == first  # same buffers on every call
-    assert all(torch.equal(a, b) for a, b in zip(r1, r1_copy))  # an earlier result is not overwritten
+    assert None not in outs and outs[len(first) :] == first  # same buffers on every call
+    assert all(
+        torch.equal(a, b) for a, b in zip(r1, r1_copy)
+    )  # an earlier result is not overwritten
 
 
 # ---------------------------------------------------------------- tiny UNet

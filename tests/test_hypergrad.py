@@ -99,7 +99,9 @@ def test_solvers_converge_to_inverse(gen, name):
     gamma = 0.5
     kw = {"gamma": gamma, "iters": N if name == "cg" else 200}
     if name != "cg":
-        kw["alpha"] = 2.0 / (2.0 + gamma * 2.0)  # optimal step for spectrum of I + gamma A in [1, 2]
+        kw["alpha"] = 2.0 / (
+            2.0 + gamma * 2.0
+        )  # optimal step for spectrum of I + gamma A in [1, 2]
     v = make_solver(name, **kw)(matvec(a), split(b))
     expect = torch.linalg.solve(torch.eye(N, dtype=DT) + gamma * a, b)
     assert rel(v, split(expect)) < 1e-9
@@ -137,7 +139,9 @@ def quad_problem(gen):
         return 0.5 * x @ a @ x + c @ x
 
     def outer_vec(theta, phi):  # nonlinear in both arguments
-        return (torch.sin(phi) * w).sum() + 0.3 * (theta @ phi) ** 2 + 0.5 * ((theta - t0) ** 2).sum()
+        return (
+            (torch.sin(phi) * w).sum() + 0.3 * (theta @ phi) ** 2 + 0.5 * ((theta - t0) ** 2).sum()
+        )
 
     def outer_loss(theta, phi):
         return outer_vec(cat(theta), cat(phi))
@@ -160,11 +164,21 @@ def test_implicit_hypergrad_matches_closed_form(gen, solver, hvp):
     (expect,) = torch.autograd.grad(total(th), th)
     phi_star = torch.linalg.solve(prox, theta - gamma * c)
     # phi* is the proximal point: grad ft + (phi - theta) / gamma = 0
-    assert torch.allclose(a @ phi_star + c + (phi_star - theta) / gamma, torch.zeros(N, dtype=DT), atol=1e-12)
+    assert torch.allclose(
+        a @ phi_star + c + (phi_star - theta) / gamma, torch.zeros(N, dtype=DT), atol=1e-12
+    )
     theta_l, star_l = split(theta), split(phi_star)
     iters = N if solver == "cg" else 120
     g = implicit_hypergrad(
-        theta_l, star_l, outer_loss, ft_loss, gamma=gamma, iters=iters, alpha=0.8, solver=solver, hvp=hvp
+        theta_l,
+        star_l,
+        outer_loss,
+        ft_loss,
+        gamma=gamma,
+        iters=iters,
+        alpha=0.8,
+        solver=solver,
+        hvp=hvp,
     )
     assert all(not t.requires_grad for t in g)
     assert rel(g, split(expect)) < (1e-7 if hvp == "fd" else 1e-9)
@@ -176,13 +190,17 @@ def test_implicit_hypergrad_k_steps_is_polynomial(gen):
     theta, star = torch.randn(N, generator=gen, dtype=DT), torch.randn(N, generator=gen, dtype=DT)
     th, ph = theta.clone().requires_grad_(True), star.clone().requires_grad_(True)
     d1, d2 = torch.autograd.grad(outer_vec(th, ph), (th, ph))
-    g = implicit_hypergrad(split(theta), split(star), outer_loss, ft_loss, gamma=1.0, iters=5, alpha=1.0)
+    g = implicit_hypergrad(
+        split(theta), split(star), outer_loss, ft_loss, gamma=1.0, iters=5, alpha=1.0
+    )
     assert torch.allclose(cat(g), d1 + poly(a, d2, 1.0, 1.0, 5), rtol=1e-12, atol=1e-12)
 
 
 def test_implicit_hypergrad_shape_mismatch():
     with pytest.raises(ValueError, match="same shapes"):
-        implicit_hypergrad([torch.zeros(3)], [torch.zeros(4)], lambda a, b: a[0].sum(), lambda p: p[0].sum())
+        implicit_hypergrad(
+            [torch.zeros(3)], [torch.zeros(4)], lambda a, b: a[0].sum(), lambda p: p[0].sum()
+        )
 
 
 # ----------------------------------------------------------------- guard
@@ -197,7 +215,9 @@ def test_guard_accepts_convergent_solve(gen, caplog):
     direct = torch.randn(N, generator=gen, dtype=DT)
     calls = []
     with caplog.at_level(logging.WARNING, logger="resalign_fast.hypergrad"):
-        g, info = guarded_hypergrad(split(direct), split(b), matvec(a, calls), iters=5, max_grad_norm=1e9)
+        g, info = guarded_hypergrad(
+            split(direct), split(b), matvec(a, calls), iters=5, max_grad_norm=1e9
+        )
     assert isinstance(info, GuardInfo) and info.retries == 0 and not info.fallback
     assert torch.allclose(cat(g), direct + poly(a, b, 1.0, 1.0, 5), rtol=1e-12, atol=1e-12)
     assert info.hvps == len(calls) == 4 and info.max_ratio <= 1.0
@@ -213,12 +233,18 @@ def test_guard_halves_alpha_when_iteration_diverges(gen, caplog):
     direct = torch.randn(N, generator=gen, dtype=DT)
     calls = []
     with caplog.at_level(logging.WARNING, logger="resalign_fast.hypergrad"):
-        g, info = guarded_hypergrad(split(direct), split(b), matvec(a, calls), iters=5, max_grad_norm=1e9)
+        g, info = guarded_hypergrad(
+            split(direct), split(b), matvec(a, calls), iters=5, max_grad_norm=1e9
+        )
     assert info.retries == 1 and not info.fallback and info.alpha_used == 0.5
     assert torch.allclose(cat(g), direct + poly(a, b, 0.5, 1.0, 5), rtol=1e-12, atol=1e-12)
     assert len(calls) == 1 + 4  # the diverging attempt stopped after its first HVP
     recs = guard_records(caplog)
-    assert len(recs) == 1 and "retry 1/5" in recs[0].getMessage() and "diverged" in recs[0].getMessage()
+    assert (
+        len(recs) == 1
+        and "retry 1/5" in recs[0].getMessage()
+        and "diverged" in recs[0].getMessage()
+    )
 
 
 def test_guard_halves_alpha_on_grad_norm(gen, caplog):
@@ -230,7 +256,9 @@ def test_guard_halves_alpha_on_grad_norm(gen, caplog):
         alpha, expect_retries = alpha / 2, expect_retries + 1
     assert 1 <= expect_retries <= 5
     with caplog.at_level(logging.WARNING, logger="resalign_fast.hypergrad"):
-        g, info = guarded_hypergrad(split(direct), split(b), matvec(a), iters=3, max_grad_norm=limit)
+        g, info = guarded_hypergrad(
+            split(direct), split(b), matvec(a), iters=3, max_grad_norm=limit
+        )
     assert info.retries == expect_retries and info.alpha_used == alpha and not info.fallback
     assert torch.allclose(cat(g), poly(a, b, alpha, 1.0, 3), rtol=1e-12, atol=1e-12)
     assert info.grad_norm <= limit
@@ -259,7 +287,9 @@ def test_guard_fallback_when_direct_exceeds_norm(gen, caplog):
     direct = torch.randn(N, generator=gen, dtype=DT)
     direct = direct / direct.norm()
     with caplog.at_level(logging.WARNING, logger="resalign_fast.hypergrad"):
-        g, info = guarded_hypergrad(split(direct), split(1e-3 * b), matvec(a), max_grad_norm=0.5, max_retries=2)
+        g, info = guarded_hypergrad(
+            split(direct), split(1e-3 * b), matvec(a), max_grad_norm=0.5, max_retries=2
+        )
     assert info.fallback and info.retries == 2 and torch.equal(cat(g), direct)
     assert len(guard_records(caplog)) == 3
 
@@ -267,11 +297,15 @@ def test_guard_fallback_when_direct_exceeds_norm(gen, caplog):
 def test_guard_cg_and_errors(gen, caplog):
     b, direct = torch.randn(N, generator=gen, dtype=DT), torch.randn(N, generator=gen, dtype=DT)
     a = spd(gen, 0.0, 1.0)
-    g, info = guarded_hypergrad(split(direct), split(b), matvec(a), iters=N, max_grad_norm=None, solver="cg")
+    g, info = guarded_hypergrad(
+        split(direct), split(b), matvec(a), iters=N, max_grad_norm=None, solver="cg"
+    )
     expect = direct + torch.linalg.solve(torch.eye(N, dtype=DT) + a, b)
     assert rel(g, split(expect)) < 1e-9 and not info.fallback
     with caplog.at_level(logging.WARNING, logger="resalign_fast.hypergrad"):
-        g, info = guarded_hypergrad(split(direct), split(b), matvec(spd(gen, -3.0, -2.0)), solver="cg")
+        g, info = guarded_hypergrad(
+            split(direct), split(b), matvec(spd(gen, -3.0, -2.0)), solver="cg"
+        )
     assert info.fallback and info.retries == 0 and torch.equal(cat(g), direct)
     assert len(guard_records(caplog)) == 1
     with pytest.raises(ValueError, match="not finite"):

@@ -25,14 +25,19 @@ DTYPES = [torch.float32, torch.float64]
 def _fused_backends(device: str) -> list[str]:
     """Backends of resalign_fast.ops.optim_step that can run here ("auto" first), [] without it."""
     try:
-        from resalign_fast.ops import registry
-        from resalign_fast.ops import optim_step  # noqa: F401  (registers the ops)
+        from resalign_fast.ops import (
+            optim_step,  # noqa: F401  (registers the ops)
+            registry,
+        )
     except ModuleNotFoundError:
         return []
     t = torch.zeros(7, device=device)
-    return ["auto"] + [b for b in ("cuda", "triton", "cpp")
-                       if not registry.not_supported_reasons("adam_step", b, t, t, t, t)
-                       and not registry.not_supported_reasons("sgd_step", b, t, t, t)]
+    return ["auto"] + [
+        b
+        for b in ("cuda", "triton", "cpp")
+        if not registry.not_supported_reasons("adam_step", b, t, t, t, t)
+        and not registry.not_supported_reasons("sgd_step", b, t, t, t)
+    ]
 
 
 FUSED = [(d, b) for d in DEVICES for b in _fused_backends(d)]
@@ -40,11 +45,22 @@ FUSED = [(d, b) for d in DEVICES for b in _fused_backends(d)]
 
 def _torch_optim(spec: OptimSpec, params: list[torch.Tensor]) -> torch.optim.Optimizer:
     if spec.name == "sgd":
-        return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum,
-                               weight_decay=spec.weight_decay, foreach=False)
+        return torch.optim.SGD(
+            params,
+            lr=spec.lr,
+            momentum=spec.momentum,
+            weight_decay=spec.weight_decay,
+            foreach=False,
+        )
     cls = torch.optim.Adam if spec.name == "adam" else torch.optim.AdamW
-    return cls(params, lr=spec.lr, betas=spec.betas, eps=spec.eps,
-               weight_decay=spec.weight_decay, foreach=False)
+    return cls(
+        params,
+        lr=spec.lr,
+        betas=spec.betas,
+        eps=spec.eps,
+        weight_decay=spec.weight_decay,
+        foreach=False,
+    )
 
 
 def _problem(dtype: torch.dtype, seed: int, device: str = "cpu"):
@@ -122,7 +138,11 @@ def test_trajectories_match_torch_optim(spec, dtype, device):
 
 
 def _max_err(traj, ref) -> float:
-    return max(float((a.double() - b.double()).abs().max()) for ta, tb in zip(traj, ref) for a, b in zip(ta, tb))
+    return max(
+        float((a.double() - b.double()).abs().max())
+        for ta, tb in zip(traj, ref)
+        for a, b in zip(ta, tb)
+    )
 
 
 @pytest.mark.skipif(not FUSED, reason="resalign_fast.ops.optim_step is absent")
@@ -160,14 +180,25 @@ def test_step_is_differentiable(spec):
     grads = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
     state = init_state(spec, params)
     # exp_avg_sq is kept away from 0 so that finite differences stay on one side of sqrt's kink.
-    state = OptState(3, {k: [torch.randn(s, generator=g, dtype=torch.float64).abs() + 0.5
-                             if k == "exp_avg_sq" else torch.randn(s, generator=g, dtype=torch.float64)
-                             for s in shapes] for k in state.buffers})
+    state = OptState(
+        3,
+        {
+            k: [
+                torch.randn(s, generator=g, dtype=torch.float64).abs() + 0.5
+                if k == "exp_avg_sq"
+                else torch.randn(s, generator=g, dtype=torch.float64)
+                for s in shapes
+            ]
+            for k in state.buffers
+        },
+    )
     n, m = len(params), len(grads)
     inputs = [t.clone().requires_grad_() for t in params + grads + state.tensors()]
 
     def f(*xs):
-        new_p, new_s = step(spec, list(xs[:n]), list(xs[n:n + m]), state.with_tensors(list(xs[n + m:])))
+        new_p, new_s = step(
+            spec, list(xs[:n]), list(xs[n : n + m]), state.with_tensors(list(xs[n + m :]))
+        )
         return tuple(new_p) + tuple(new_s.tensors())
 
     assert torch.autograd.gradcheck(f, tuple(inputs), eps=1e-6, atol=1e-8, rtol=1e-6)
@@ -216,16 +247,19 @@ def test_defaults_follow_torch_optim():
     assert OptimSpec("sgd", lr=1e-3).weight_decay == 0.0
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(name="rmsprop", lr=1e-3), "name"),
-    (dict(name="sgd", lr=-1.0), "lr"),
-    (dict(name="sgd", lr=float("nan")), "lr"),
-    (dict(name="sgd", lr=1e-3, momentum=1.0), "momentum"),
-    (dict(name="adam", lr=1e-3, momentum=0.9), "momentum"),
-    (dict(name="adam", lr=1e-3, betas=(0.9, 1.0)), "betas"),
-    (dict(name="adam", lr=1e-3, eps=-1.0), "eps"),
-    (dict(name="adamw", lr=1e-3, weight_decay=-0.1), "weight_decay"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(name="rmsprop", lr=1e-3), "name"),
+        (dict(name="sgd", lr=-1.0), "lr"),
+        (dict(name="sgd", lr=float("nan")), "lr"),
+        (dict(name="sgd", lr=1e-3, momentum=1.0), "momentum"),
+        (dict(name="adam", lr=1e-3, momentum=0.9), "momentum"),
+        (dict(name="adam", lr=1e-3, betas=(0.9, 1.0)), "betas"),
+        (dict(name="adam", lr=1e-3, eps=-1.0), "eps"),
+        (dict(name="adamw", lr=1e-3, weight_decay=-0.1), "weight_decay"),
+    ],
+)
 def test_spec_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         OptimSpec(**kwargs)

@@ -12,23 +12,38 @@ from resalign_fast.inner.inplace import simulate_inplace
 from resalign_fast.inner.optim import OptimSpec
 from resalign_fast.memplan.tracker import StorageTracker
 
-SPECS = [OptimSpec("sgd", lr=0.05, momentum=0.9, weight_decay=1e-2), OptimSpec("sgd", lr=0.05),
-         OptimSpec("adam", lr=1e-2), OptimSpec("adam", lr=1e-2, weight_decay=1e-2),
-         OptimSpec("adamw", lr=1e-2)]
+SPECS = [
+    OptimSpec("sgd", lr=0.05, momentum=0.9, weight_decay=1e-2),
+    OptimSpec("sgd", lr=0.05),
+    OptimSpec("adam", lr=1e-2),
+    OptimSpec("adam", lr=1e-2, weight_decay=1e-2),
+    OptimSpec("adamw", lr=1e-2),
+]
 STEPS = 6
 
 
 def _model(seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
     # no parameter dominates, so that streaming one parameter's state at a time shows in the peak
-    return torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), torch.nn.GELU(), torch.nn.Flatten(),
-                               torch.nn.Linear(4 * 3 * 3, 24), torch.nn.Tanh(), torch.nn.Linear(24, 24),
-                               torch.nn.Tanh(), torch.nn.Linear(24, 24), torch.nn.Tanh(), torch.nn.Linear(24, 3))
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(2, 4, 3),
+        torch.nn.GELU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4 * 3 * 3, 24),
+        torch.nn.Tanh(),
+        torch.nn.Linear(24, 24),
+        torch.nn.Tanh(),
+        torch.nn.Linear(24, 24),
+        torch.nn.Tanh(),
+        torch.nn.Linear(24, 3),
+    )
 
 
 def _batches(seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(4, 2, 5, 5, generator=g), torch.randn(4, 3, generator=g)) for _ in range(STEPS)]
+    return [
+        (torch.randn(4, 2, 5, 5, generator=g), torch.randn(4, 3, generator=g)) for _ in range(STEPS)
+    ]
 
 
 def _run_inplace(spec: OptimSpec, offload: bool, seed: int) -> list[torch.Tensor]:
@@ -48,10 +63,23 @@ def _run_torch(spec: OptimSpec, seed: int) -> list[torch.Tensor]:
     model = _model(seed)
     params = list(model.parameters())
     if spec.name == "sgd":
-        opt = torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay, foreach=False)
+        opt = torch.optim.SGD(
+            params,
+            lr=spec.lr,
+            momentum=spec.momentum,
+            weight_decay=spec.weight_decay,
+            foreach=False,
+        )
     else:
         cls = torch.optim.Adam if spec.name == "adam" else torch.optim.AdamW
-        opt = cls(params, lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay, foreach=False)
+        opt = cls(
+            params,
+            lr=spec.lr,
+            betas=spec.betas,
+            eps=spec.eps,
+            weight_decay=spec.weight_decay,
+            foreach=False,
+        )
     for x, y in _batches(seed):
         opt.zero_grad()
         (model(x) - y).square().mean().backward()
@@ -63,7 +91,11 @@ def _run_torch(spec: OptimSpec, seed: int) -> list[torch.Tensor]:
 def test_offloaded_simulation_matches_on_device_and_torch_optim(spec):
     seed = SPECS.index(spec)
     start = [p.detach().clone() for p in _model(seed).parameters()]
-    off, on, ref = _run_inplace(spec, True, seed), _run_inplace(spec, False, seed), _run_torch(spec, seed)
+    off, on, ref = (
+        _run_inplace(spec, True, seed),
+        _run_inplace(spec, False, seed),
+        _run_torch(spec, seed),
+    )
     assert any(not torch.equal(a, b) for a, b in zip(off, start))  # the simulation moved
     for a, b, r in zip(off, on, ref):
         assert torch.equal(a, b)  # same kernel, same inputs: bit for bit

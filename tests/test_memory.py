@@ -15,9 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from resalign_fast.memplan import trainer as trainer_mod
 from resalign_fast.memplan.estimate import Estimator, measure
 from resalign_fast.memplan.meta import MetaOpCache, reference_ops, sdpa_as
-from resalign_fast.memplan import trainer as trainer_mod
 from resalign_fast.memplan.recipes import PI_C, REFERENCE, Recipe, StepShape
 from resalign_fast.memplan.tracker import StorageTracker
 from resalign_fast.memplan.trainer import build_trainer, trainer_hypergradient
@@ -34,8 +34,8 @@ def test_tracker_counts_live_storages_with_rounding():
     block = 512
     rounded = [-(-4 * n // block) * block for n in sizes]
     with StorageTracker(block) as tr:
-        ts = [torch.empty(n) for n in sizes]           # fp32: 4 bytes each
-        views = [t[1:] for t in ts] + [t.view(-1, 1) for t in ts]   # views share storage
+        ts = [torch.empty(n) for n in sizes]  # fp32: 4 bytes each
+        views = [t[1:] for t in ts] + [t.view(-1, 1) for t in ts]  # views share storage
         assert tr.live == sum(rounded)
         del views, ts[:2]
         assert tr.live == sum(rounded[2:])
@@ -95,24 +95,36 @@ def test_sd_v1_4_config_parameter_counts():
     base = sum(p.numel() for n, p in unet.named_parameters() if "lora_" not in n)
     assert base == 859_520_964  # the public SD v1.4 UNet
     # rank 4 on q/k/v/out of every attention: per transformer block 14 r C (self + cross, C wide)
-    # plus 2 r 768 (cross-attention k, v read the 768-wide text); blocks: 5 at 320, 5 at 640, 6 at 1280
+    # plus 2 r 768 (cross-attention k, v read the 768-wide text); blocks: 5 at 320, 5 at 640, 6 at
+    # 1280
     r, blocks = 4, {320: 5, 640: 5, 1280: 6}
-    assert lora == sum(n * r * (14 * c + 2 * SD_V1_4_UNET["cross_attention_dim"]) for c, n in blocks.items())
+    assert lora == sum(
+        n * r * (14 * c + 2 * SD_V1_4_UNET["cross_attention_dim"]) for c, n in blocks.items()
+    )
 
 
-@pytest.mark.parametrize("recipe,config", [
-    (REFERENCE, "lora-adam-dreambooth"),
-    (Recipe("fd", hvp="fd", attention="fused", checkpointing=True), "full-sgd-standard"),
-    (Recipe("exact", hvp="exact", attention="chunked", checkpointing=False), "lora-sgd-dreambooth"),
-    (Recipe("jvp", hvp="jvp", attention="fused", checkpointing=False), "full-adam-standard"),
-])
+@pytest.mark.parametrize(
+    "recipe,config",
+    [
+        (REFERENCE, "lora-adam-dreambooth"),
+        (Recipe("fd", hvp="fd", attention="fused", checkpointing=True), "full-sgd-standard"),
+        (
+            Recipe("exact", hvp="exact", attention="chunked", checkpointing=False),
+            "lora-sgd-dreambooth",
+        ),
+        (Recipe("jvp", hvp="jvp", attention="fused", checkpointing=False), "full-adam-standard"),
+    ],
+)
 def test_estimate_within_15_percent_of_measured_peak(recipe, config):
     torch.manual_seed(0)
     est = Estimator(TINY, SHAPE, block=1, target="cpu").run(recipe, CONFIGS[config])
     assert est.error == "" and est.peak is not None
     measured = measure(build_unet(TINY), TINY, recipe, CONFIGS[config], SHAPE)
     assert measured["allocator"] > measured["weights"]
-    assert abs(est.peak - measured["allocator"]) <= 0.15 * measured["allocator"], (est.peak, measured)
+    assert abs(est.peak - measured["allocator"]) <= 0.15 * measured["allocator"], (
+        est.peak,
+        measured,
+    )
 
 
 def test_lean_full_estimate_vs_measured_minus_host_backup(monkeypatch):
@@ -136,18 +148,25 @@ def test_lean_full_estimate_vs_measured_minus_host_backup(monkeypatch):
 def test_recipes_compute_the_same_hypergradient(monkeypatch):
     """fp64, tiny UNet: every recipe's hypergradient matches the reference recipe's (exact double
     backward, math attention): exact and jvp to rounding, fd to its O(eps^2) truncation."""
+
     def hypergrad(recipe, config):
         unet = build_unet(TINY).double()  # the same weights for every recipe (seeded)
         torch.manual_seed(1)  # same adapter and data for every recipe
-        trainer = build_trainer(unet, TINY, recipe, CONFIGS[config], SHAPE, device="cpu", dtype=torch.float64)
+        trainer = build_trainer(
+            unet, TINY, recipe, CONFIGS[config], SHAPE, device="cpu", dtype=torch.float64
+        )
         return torch.cat([g.flatten() for g in trainer_hypergradient(trainer)])
 
     for config in ("full-sgd-dreambooth", "lora-adam-standard"):
-        ref = hypergrad(dataclasses.replace(REFERENCE, guard="stable"), config)  # the same solve as ours
-        for recipe, tol in [(Recipe("e", "exact", "chunked", True), 1e-10),
-                            (Recipe("j", "jvp", "fused", False), 1e-10),
-                            (Recipe("f", "fd", "fused", True), 1e-3),
-                            (Recipe("l", "fd", "fused", True, lean_full=True), 1e-3)]:
+        ref = hypergrad(
+            dataclasses.replace(REFERENCE, guard="stable"), config
+        )  # the same solve as ours
+        for recipe, tol in [
+            (Recipe("e", "exact", "chunked", True), 1e-10),
+            (Recipe("j", "jvp", "fused", False), 1e-10),
+            (Recipe("f", "fd", "fused", True), 1e-3),
+            (Recipe("l", "fd", "fused", True, lean_full=True), 1e-3),
+        ]:
             err = float((hypergrad(recipe, config) - ref).norm() / ref.norm())
             assert err < tol, (recipe.name, config, err)
 
@@ -156,10 +175,18 @@ def test_split_terms_and_lean_full_lower_the_peak():
     """The Recipe flags, passed to the trainer as the config fields of the same names, lower the
     peak of its step."""
     est = Estimator(TINY, SHAPE, block=1)
-    cases = [(Recipe("split", "exact", "chunked", False),
-              Recipe("joint", "exact", "chunked", False, split_terms=False), "lora-sgd-dreambooth"),
-             (Recipe("lean", "fd", "fused", True, lean_full=True), Recipe("fd", "fd", "fused", True),
-              "full-adam-standard")]
+    cases = [
+        (
+            Recipe("split", "exact", "chunked", False),
+            Recipe("joint", "exact", "chunked", False, split_terms=False),
+            "lora-sgd-dreambooth",
+        ),
+        (
+            Recipe("lean", "fd", "fused", True, lean_full=True),
+            Recipe("fd", "fd", "fused", True),
+            "full-adam-standard",
+        ),
+    ]
     for lean, plain, config in cases:
         c = CONFIGS[config]
         low, high = est.run(lean, c), est.run(plain, c)
@@ -177,9 +204,29 @@ def test_unsupported_combination_is_reported_not_raised():
 def test_cli_json(capsys):
     from resalign_fast.memory import main
 
-    assert main(["--model", "tiny", "--resolution", "8", "--hvp", "fd", "--attention", "fused",
-                 "--checkpointing", "on", "--configs", "lora-sgd-standard", "--iters", "2", "--no-lean",
-                 "--json"]) == 0
+    assert (
+        main(
+            [
+                "--model",
+                "tiny",
+                "--resolution",
+                "8",
+                "--hvp",
+                "fd",
+                "--attention",
+                "fused",
+                "--checkpointing",
+                "on",
+                "--configs",
+                "lora-sgd-standard",
+                "--iters",
+                "2",
+                "--no-lean",
+                "--json",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     names = [r["recipe"]["name"] for r in out["rows"]]
     assert names == ["reference", "fd/fused/ckpt"]
@@ -200,7 +247,14 @@ def test_cli_rejects_bad_flags():
 
 
 LEAN = Recipe("lean", hvp="fd", attention="fused", checkpointing=True, lean_full=True)
-OFFLOAD = Recipe("lean-offload", hvp="fd", attention="fused", checkpointing=True, lean_full=True, offload_state=True)
+OFFLOAD = Recipe(
+    "lean-offload",
+    hvp="fd",
+    attention="fused",
+    checkpointing=True,
+    lean_full=True,
+    offload_state=True,
+)
 
 
 @pytest.mark.parametrize("config", ["full-adam-dreambooth", "full-sgd-standard"])
@@ -223,7 +277,12 @@ def test_offloaded_state_estimate_vs_measured(config, monkeypatch):
     sim_off, sim_on = device_only.phases["simulate"], on_device.phases["simulate"]
     if c.optim == "adam":
         biggest = max(p.numel() * p.element_size() for p in unet.parameters())
-        assert sim_on - sim_off >= 2 * weights - 4 * biggest > 0, (sim_on, sim_off, weights, biggest)
+        assert sim_on - sim_off >= 2 * weights - 4 * biggest > 0, (
+            sim_on,
+            sim_off,
+            weights,
+            biggest,
+        )
     else:
         assert sim_off == sim_on  # plain SGD has no state to move
 
@@ -252,4 +311,7 @@ def test_lean_stable_guard_keeps_b_off_the_device():
     stable = Estimator(TINY, SHAPE, block=1, target="cpu").run(LEAN, c)
     reference = Estimator(TINY, SHAPE, block=1, target="cpu", guard="reference").run(LEAN, c)
     assert stable.error == reference.error == "", (stable.error, reference.error)
-    assert stable.phases["hypergradient"] < reference.phases["hypergradient"], (stable.phases, reference.phases)
+    assert stable.phases["hypergradient"] < reference.phases["hypergradient"], (
+        stable.phases,
+        reference.phases,
+    )

@@ -1,7 +1,13 @@
 import torch
 
-from resalign_fast.objectives import (denoising_loss, esd_target, ga_loss, make_noisy_batch, sigmoid_ramp,
-                                      target_loss)
+from resalign_fast.objectives import (
+    denoising_loss,
+    esd_target,
+    ga_loss,
+    make_noisy_batch,
+    sigmoid_ramp,
+    target_loss,
+)
 
 
 def _batch(seed=0):
@@ -24,7 +30,7 @@ def test_losses_closed_form():
     mse = ((eps - b.noise) ** 2).mean()
     assert torch.allclose(denoising_loss(eps, b), mse) and torch.allclose(ga_loss(eps, b), -mse)
     b.target = torch.zeros_like(eps)
-    assert torch.allclose(target_loss(eps, b), (eps ** 2).mean())
+    assert torch.allclose(target_loss(eps, b), (eps**2).mean())
 
 
 def test_esd_target_formula():
@@ -50,7 +56,11 @@ def test_guidance_loss_is_blind_to_common_drift_and_moves_only_the_conditional_b
     from resalign_fast.objectives import NoisyBatch, guidance_loss, guidance_target
 
     g = torch.Generator().manual_seed(3)
-    x, emb, u = torch.randn(2, 1, 4, 4, generator=g), torch.randn(2, 3, 5, generator=g), torch.randn(1, 3, 5, generator=g)
+    x, emb, u = (
+        torch.randn(2, 1, 4, 4, generator=g),
+        torch.randn(2, 3, 5, generator=g),
+        torch.randn(1, 3, 5, generator=g),
+    )
     w = torch.randn(5, generator=g)
 
     def eps0(x_t, t, e):  # a stand-in "model": the prompt enters through a linear read-out
@@ -61,7 +71,9 @@ def test_guidance_loss_is_blind_to_common_drift_and_moves_only_the_conditional_b
     e_c, e_u = eps0(x, b.t, emb), eps0(x, b.t, u.expand_as(emb))
     assert torch.allclose(b.target, -(e_c - e_u))
     base = guidance_loss(e_c, e_u, b)
-    assert torch.allclose(base, ((2 * (e_c - e_u)) ** 2).mean())  # the original model: (1 + eta)^2 ||g0||^2
+    assert torch.allclose(
+        base, ((2 * (e_c - e_u)) ** 2).mean()
+    )  # the original model: (1 + eta)^2 ||g0||^2
     drift = torch.randn(x.shape, generator=g)
     assert torch.allclose(guidance_loss(e_c + drift, e_u + drift, b), base)  # shared drift cancels
     # the unconditional branch gets no gradient

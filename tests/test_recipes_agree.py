@@ -5,7 +5,6 @@ lean attention processor (fused first order, chunked second order), jvp / fd HVP
 checkpointing. One outer-step hypergradient of one fine-tuning configuration, same batches.
 """
 
-
 import pytest
 import torch
 
@@ -17,16 +16,24 @@ from resalign_fast.runs import load_data
 
 
 def _hypergrad(model_dir, ft_space, c: FTConfig, **kw) -> torch.Tensor:
-    # the paper's fixed-step Richardson solve: the stable guard sets its step from a measured curvature,
+    # the paper's fixed-step Richardson solve: the stable guard sets its step from a measured
+    # curvature,
     # which the HVP backends estimate slightly differently (an fd step moves it by ~1e-3 in cosine)
     kw.setdefault("guard", "reference")
-    cfg = ResAlignConfig(pretrained_model_name_or_path=str(model_dir), ft_space=str(ft_space), batch_size=2,
-                         max_grad_norm=1e9, **kw)
+    cfg = ResAlignConfig(
+        pretrained_model_name_or_path=str(model_dir),
+        ft_space=str(ft_space),
+        batch_size=2,
+        max_grad_norm=1e9,
+        **kw,
+    )
     torch.manual_seed(0)
     model = load_model(cfg.pretrained_model_name_or_path)
     data = load_data(cfg, model, torch.device("cpu"))
     data.pop("_sample_prompts")
-    algo = ResAlign(cfg, model, data, load_ft_space(cfg.ft_space), uncond_emb=model.encode_prompts([""]))
+    algo = ResAlign(
+        cfg, model, data, load_ft_space(cfg.ft_space), uncond_emb=model.encode_prompts([""])
+    )
     with torch.no_grad():  # a non-trivial theta (LoRA B starts at zero)
         for p in algo.theta:
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
@@ -39,7 +46,11 @@ def _hypergrad(model_dir, ft_space, c: FTConfig, **kw) -> torch.Tensor:
     g = result.grad
     assert not result.fallback
     for n, p in model.unet.named_parameters():  # every recipe leaves the UNet as it found it
-        assert torch.equal(p.detach(), before[n][0]) and p.requires_grad == before[n][1] and p.grad is None, n
+        assert (
+            torch.equal(p.detach(), before[n][0])
+            and p.requires_grad == before[n][1]
+            and p.grad is None
+        ), n
     return torch.cat([x.flatten() for x in g])
 
 
@@ -79,8 +90,20 @@ def test_lean_full_matches_fd_and_exact(tiny_model_dir, tiny_ft_space, loss, the
     fd = _hypergrad(tiny_model_dir, tiny_ft_space, c, hvp="fd", **kw)
     assert exact.norm() > 0
     for ckpt in (False, True):
-        lean = _hypergrad(tiny_model_dir, tiny_ft_space, c, hvp="fd", lean_full=True, gradient_checkpointing=ckpt, **kw)
-        assert _cos(lean, exact) >= 0.999 and _cos(lean, fd) >= 0.999, (ckpt, _cos(lean, exact), _cos(lean, fd))
+        lean = _hypergrad(
+            tiny_model_dir,
+            tiny_ft_space,
+            c,
+            hvp="fd",
+            lean_full=True,
+            gradient_checkpointing=ckpt,
+            **kw,
+        )
+        assert _cos(lean, exact) >= 0.999 and _cos(lean, fd) >= 0.999, (
+            ckpt,
+            _cos(lean, exact),
+            _cos(lean, fd),
+        )
 
 
 @pytest.mark.parametrize("offload", [False, True])
@@ -88,17 +111,26 @@ def test_lean_full_stable_guard_matches_copying_fd(tiny_model_dir, tiny_ft_space
     """The stable guard on the lean path (b and the eigenvector in host memory, the Richardson
     update in place, optionally the optimizer state offloaded) gives the copying fd path's
     hypergradient under the same guard."""
-    c = FTConfig(lr=1e-2, steps=2, optimizer="adam", algorithm="full", loss="standard", batch_size=2)
+    c = FTConfig(
+        lr=1e-2, steps=2, optimizer="adam", algorithm="full", loss="standard", batch_size=2
+    )
     kw = dict(attention="auto", hvp="fd", gamma=0.1, guard="stable")
     fd = _hypergrad(tiny_model_dir, tiny_ft_space, c, **kw)
-    lean = _hypergrad(tiny_model_dir, tiny_ft_space, c, lean_full=True, offload_optimizer_state=offload, **kw)
+    lean = _hypergrad(
+        tiny_model_dir, tiny_ft_space, c, lean_full=True, offload_optimizer_state=offload, **kw
+    )
     assert fd.norm() > 0 and _cos(lean, fd) >= 0.9999, _cos(lean, fd)
 
 
-@pytest.mark.parametrize("algorithm,hvp", [("lora", "exact"), ("full", "exact"), ("full", "jvp"), ("full", "fd")])
+@pytest.mark.parametrize(
+    "algorithm,hvp", [("lora", "exact"), ("full", "exact"), ("full", "jvp"), ("full", "fd")]
+)
 def test_dreambooth_split_terms_equal_joint(tiny_model_dir, tiny_ft_space, algorithm, hvp):
-    """DreamBooth's terms differentiated one at a time give the joint hypergradient (fp32 rounding)."""
-    c = FTConfig(lr=1e-2, steps=2, optimizer="adam", algorithm=algorithm, loss="dreambooth", batch_size=2)
+    """DreamBooth's terms differentiated one at a time give the joint hypergradient (fp32
+    rounding)."""
+    c = FTConfig(
+        lr=1e-2, steps=2, optimizer="adam", algorithm=algorithm, loss="dreambooth", batch_size=2
+    )
     kw = dict(hvp=hvp, attention="math", gamma=0.1)  # gamma 1 diverges on DreamBooth here
     joint = _hypergrad(tiny_model_dir, tiny_ft_space, c, split_terms=False, **kw)
     split = _hypergrad(tiny_model_dir, tiny_ft_space, c, split_terms=True, **kw)

@@ -12,57 +12,126 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from tiny import run_and_kill
+
 from resalign_fast import evaluate, finetune, prepare_data, train
-from resalign_fast.config import ConfigError, ResAlignConfig, load_toml, parse_config, to_toml
+from resalign_fast.cli import parse_config
+from resalign_fast.config import ConfigError, ResAlignConfig, load_toml, to_toml
 from resalign_fast.runs import lock_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _ft_args(model, out, *extra):
-    return ["--pretrained_model_name_or_path", str(model), "--output_dir", str(out), "--max_train_steps", "3",
-            "--train_batch_size", "2", "--learning_rate", "1e-3", "--device", "cpu", *extra]
+    return [
+        "--pretrained_model_name_or_path",
+        str(model),
+        "--output_dir",
+        str(out),
+        "--max_train_steps",
+        "3",
+        "--train_batch_size",
+        "2",
+        "--learning_rate",
+        "1e-3",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 def _train_args(model, space, out, *extra):
-    return ["--pretrained_model_name_or_path", str(model), "--ft_space", str(space), "--output_dir", str(out),
-            "--run_name", "r", "--outer_steps", "2", "--configs_per_step", "1", "--batch_size", "2", "--iters", "1",
-            "--samples_per_prompt", "0", "--no-progress", "--device", "cpu", "--checkpoint_every", "1", *extra]
+    return [
+        "--pretrained_model_name_or_path",
+        str(model),
+        "--ft_space",
+        str(space),
+        "--output_dir",
+        str(out),
+        "--run_name",
+        "r",
+        "--outer_steps",
+        "2",
+        "--configs_per_step",
+        "1",
+        "--batch_size",
+        "2",
+        "--iters",
+        "1",
+        "--samples_per_prompt",
+        "0",
+        "--no-progress",
+        "--device",
+        "cpu",
+        "--checkpoint_every",
+        "1",
+        *extra,
+    ]
 
 
 def _files(folder: Path) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+    return (
+        sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+        if folder.exists()
+        else []
+    )
 
 
-# 1. an exploding fine-tune saves nothing -------------------------------------------------------------
+# 1. an exploding fine-tune saves nothing
+# -------------------------------------------------------------
 @pytest.mark.parametrize("lr", ["1e30", "1e12"])
 def test_finetune_that_explodes_saves_no_model(tiny_model_dir, tmp_path, capsys, lr):
     out = tmp_path / "ft"
-    rc = finetune.main(_ft_args(tiny_model_dir, out, "--optimizer", "sgd", "--max_grad_norm", "0",
-                                "--learning_rate", lr, "--checkpointing_steps", "1,2,3"))
+    rc = finetune.main(
+        _ft_args(
+            tiny_model_dir,
+            out,
+            "--optimizer",
+            "sgd",
+            "--max_grad_norm",
+            "0",
+            "--learning_rate",
+            lr,
+            "--checkpointing_steps",
+            "1,2,3",
+        )
+    )
     err = capsys.readouterr().err
     assert rc == 3 and "error:" in err, err
     saved = _files(out)
     assert not any(f.startswith(("model/", "checkpoint-")) for f in saved), saved
 
 
-# 2. NaN/inf/boolean numbers are refused at parse time, before anything is written ------------------------
+# 2. NaN/inf/boolean numbers are refused at parse time, before anything is written
+# ------------------------
 NON_FINITE = [
-    (train.main, ["--lam", "nan"]), (train.main, ["--esd_eta", "nan"]), (train.main, ["--lr", "nan"]),
-    (train.main, ["--gamma", "inf"]), (finetune.main, ["--learning_rate", "nan"]),
-    (finetune.main, ["--learning_rate", "inf"]), (evaluate.main, ["--guidance", "nan"]),
-    (prepare_data.main, ["--guidance", "nan"]), (prepare_data.main, ["--guidance", "inf"]),
+    (train.main, ["--lam", "nan"]),
+    (train.main, ["--esd_eta", "nan"]),
+    (train.main, ["--lr", "nan"]),
+    (train.main, ["--gamma", "inf"]),
+    (finetune.main, ["--learning_rate", "nan"]),
+    (finetune.main, ["--learning_rate", "inf"]),
+    (evaluate.main, ["--guidance", "nan"]),
+    (prepare_data.main, ["--guidance", "nan"]),
+    (prepare_data.main, ["--guidance", "inf"]),
 ]
 
 
-@pytest.mark.parametrize("main, flags", NON_FINITE, ids=lambda x: " ".join(x) if isinstance(x, list) else x.__module__)
+@pytest.mark.parametrize(
+    "main, flags", NON_FINITE, ids=lambda x: " ".join(x) if isinstance(x, list) else x.__module__
+)
 def test_non_finite_numbers_rejected_before_writing(tiny_model_dir, tmp_path, capsys, main, flags):
     out = tmp_path / "out"
     if main is prepare_data.main:
         (tmp_path / "p.txt").write_text("a digit\n")
-        argv = ["--prompts", str(tmp_path / "p.txt"), "--out", str(out), "--pretrained_model_name_or_path", str(tiny_model_dir)]
+        argv = [
+            "--prompts",
+            str(tmp_path / "p.txt"),
+            "--out",
+            str(out),
+            "--pretrained_model_name_or_path",
+            str(tiny_model_dir),
+        ]
     elif main is evaluate.main:
         argv = ["--output_dir", str(out), "--model", str(tiny_model_dir)]
     else:
@@ -74,7 +143,12 @@ def test_non_finite_numbers_rejected_before_writing(tiny_model_dir, tmp_path, ca
 
 
 def test_toml_booleans_and_non_finite_are_not_numbers(tmp_path):
-    for body, key in [("lr = true", "lr"), ("lam = nan", "lam"), ("gamma = inf", "gamma"), ("iters = false", "iters")]:
+    for body, key in [
+        ("lr = true", "lr"),
+        ("lam = nan", "lam"),
+        ("gamma = inf", "gamma"),
+        ("iters = false", "iters"),
+    ]:
         (tmp_path / "c.toml").write_text(body + "\n")
         with pytest.raises(ConfigError, match=key):
             parse_config(["--config", str(tmp_path / "c.toml")])
@@ -90,8 +164,11 @@ def test_memory_flags_reject_non_positive(capsys):
     assert "error:" in str(e.value)
 
 
-# 3. exit codes: a diverged model or mostly skipped steps end non-zero ---------------------------------
-def test_train_whose_model_output_explodes_exits_3(tiny_model_dir, tiny_ft_space, tmp_path, capsys, monkeypatch):
+# 3. exit codes: a diverged model or mostly skipped steps end non-zero
+# ---------------------------------
+def test_train_whose_model_output_explodes_exits_3(
+    tiny_model_dir, tiny_ft_space, tmp_path, capsys, monkeypatch
+):
     from resalign_fast.models import health
 
     monkeypatch.setattr(health, "MAX_OUTPUT_RMS", 1e-9)  # any output counts as exploding
@@ -102,18 +179,23 @@ def test_train_whose_model_output_explodes_exits_3(tiny_model_dir, tiny_ft_space
     assert not (run / "model").exists() and (run / "checkpoints" / "last.pt").is_file()
 
 
-def test_train_with_most_steps_skipped_exits_3(tiny_model_dir, tiny_ft_space, tmp_path, capsys, monkeypatch):
+def test_train_with_most_steps_skipped_exits_3(
+    tiny_model_dir, tiny_ft_space, tmp_path, capsys, monkeypatch
+):
     from resalign_fast import bilevel
 
     real = bilevel.simulate_finetune
-    monkeypatch.setattr(bilevel, "simulate_finetune", lambda *a, **k: [p * float("nan") for p in real(*a, **k)])
+    monkeypatch.setattr(
+        bilevel, "simulate_finetune", lambda *a, **k: [p * float("nan") for p in real(*a, **k)]
+    )
     rc = train.main(_train_args(tiny_model_dir, tiny_ft_space, tmp_path, "--nan_policy", "skip"))
     err = capsys.readouterr().err
     assert rc == 3 and "skipped" in err, err
     assert not (tmp_path / "r" / "model").exists()
 
 
-# 4. finetune never writes over an earlier run; --resume continues it exactly ----------------------------
+# 4. finetune never writes over an earlier run; --resume continues it exactly
+# ----------------------------
 def test_finetune_refuses_an_earlier_run_without_model(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "ft"
     out.mkdir()
@@ -133,7 +215,9 @@ def test_finetune_sigkill_then_resume_equals_uninterrupted(tiny_model_dir, tmp_p
     assert finetune.main(_ft_args(tiny_model_dir, ref, *steps)) == 0
     out = tmp_path / "ft"
     args = _ft_args(tiny_model_dir, out, *steps)
-    run_and_kill("resalign_fast.finetune", args, out / "log.jsonl", 5)  # after the checkpoint of step 4, inside step 5 or 6
+    run_and_kill(
+        "resalign_fast.finetune", args, out / "log.jsonl", 5
+    )  # after the checkpoint of step 4, inside step 5 or 6
     assert not (out / "model").exists()
     assert finetune.main(args + ["--resume"]) == 0
     a, b = load_model(ref / "model").unet, load_model(out / "model").unet
@@ -143,16 +227,33 @@ def test_finetune_sigkill_then_resume_equals_uninterrupted(tiny_model_dir, tmp_p
     assert rows == [json.loads(x) for x in (ref / "log.jsonl").read_text().splitlines()]
 
 
-# 5. one `error:` line instead of a traceback -------------------------------------------------------------
+# 5. one `error:` line instead of a traceback
+# -------------------------------------------------------------
 def test_bad_inputs_give_one_error_line(tiny_model_dir, tiny_ft_space, tmp_path, capsys):
     file = tmp_path / "afile"
     file.write_text("x")
     (tmp_path / "p.txt").write_text("a digit\n")
-    (tmp_path / "pic.toml").write_text('[space]\nlr = [1e-3]\nsteps = [2.5]\n')
-    cases = [(finetune.main, _ft_args(tiny_model_dir, tmp_path / "a", "--train_data", "digit-x"), "digit-x"),
-             (prepare_data.main, ["--prompts", str(tmp_path / "p.txt"), "--out", str(file),
-                                  "--pretrained_model_name_or_path", str(tiny_model_dir)], "afile"),
-             (train.main, _train_args(tiny_model_dir, tmp_path / "pic.toml", tmp_path / "b"), "steps")]
+    (tmp_path / "pic.toml").write_text("[space]\nlr = [1e-3]\nsteps = [2.5]\n")
+    cases = [
+        (
+            finetune.main,
+            _ft_args(tiny_model_dir, tmp_path / "a", "--train_data", "digit-x"),
+            "digit-x",
+        ),
+        (
+            prepare_data.main,
+            [
+                "--prompts",
+                str(tmp_path / "p.txt"),
+                "--out",
+                str(file),
+                "--pretrained_model_name_or_path",
+                str(tiny_model_dir),
+            ],
+            "afile",
+        ),
+        (train.main, _train_args(tiny_model_dir, tmp_path / "pic.toml", tmp_path / "b"), "steps"),
+    ]
     for main, argv, name in cases:
         assert main(argv) == 2
         err = capsys.readouterr().err
@@ -161,13 +262,27 @@ def test_bad_inputs_give_one_error_line(tiny_model_dir, tiny_ft_space, tmp_path,
     assert file.read_text() == "x"
 
 
-# 6. prepare_data --guidance nan: covered by test_non_finite_numbers_rejected_before_writing; a finite
+# 6. prepare_data --guidance nan: covered by test_non_finite_numbers_rejected_before_writing; a
+# finite
 #    guidance still generates images that are not all black
 def test_prepare_data_images_are_not_blank(tiny_model_dir, tmp_path, capsys):
     (tmp_path / "p.txt").write_text("a digit\n\nanother\n")
     out = tmp_path / "d"
-    assert prepare_data.main(["--prompts", str(tmp_path / "p.txt"), "--out", str(out), "--steps", "2",
-                              "--pretrained_model_name_or_path", str(tiny_model_dir)]) == 0
+    assert (
+        prepare_data.main(
+            [
+                "--prompts",
+                str(tmp_path / "p.txt"),
+                "--out",
+                str(out),
+                "--steps",
+                "2",
+                "--pretrained_model_name_or_path",
+                str(tiny_model_dir),
+            ]
+        )
+        == 0
+    )
     assert "1 blank prompt(s) skipped" in capsys.readouterr().out  # the count the docs promise
     from resalign_fast.data.sets import load_image_folder
 
@@ -175,27 +290,39 @@ def test_prepare_data_images_are_not_blank(tiny_model_dir, tmp_path, capsys):
     assert len(s.prompts) == 2 and float(s.images.std()) > 0
 
 
-# 7. atomic export, and one run per folder ---------------------------------------------------------------
+# 7. atomic export, and one run per folder
+# ---------------------------------------------------------------
 def test_kill_during_finetune_export_leaves_no_loadable_model(tiny_model_dir, tmp_path):
     """A subprocess killed inside the model save (after the UNet was written) leaves no model/."""
     out = tmp_path / "ft"
-    code = ("import os, signal, sys\n"
-            "import resalign_fast.models.pipeline as pl\n"
-            "real = pl.save_model\n"
-            "def die(model, path, *a, **k):\n"
-            "    real(model, path, *a, **k)\n"
-            "    os.kill(os.getpid(), signal.SIGKILL)\n"
-            "pl.save_model = die\n"
-            "from resalign_fast import finetune\n"
-            f"sys.exit(finetune.main({_ft_args(tiny_model_dir, out)!r}))\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, timeout=240,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    code = (
+        "import os, signal, sys\n"
+        "import resalign_fast.models.pipeline as pl\n"
+        "real = pl.save_model\n"
+        "def die(model, path, *a, **k):\n"
+        "    real(model, path, *a, **k)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "pl.save_model = die\n"
+        "from resalign_fast import finetune\n"
+        f"sys.exit(finetune.main({_ft_args(tiny_model_dir, out)!r}))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=240,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     assert not (out / "model").exists()
-    assert any(p.name.startswith(".model.tmp-") for p in out.iterdir())  # the half-written folder, hidden
+    assert any(
+        p.name.startswith(".model.tmp-") for p in out.iterdir()
+    )  # the half-written folder, hidden
 
 
-def test_second_run_into_a_locked_folder_is_refused(tiny_model_dir, tiny_ft_space, tmp_path, capsys):
+def test_second_run_into_a_locked_folder_is_refused(
+    tiny_model_dir, tiny_ft_space, tmp_path, capsys
+):
     held = lock_folder(tmp_path / "r")
     try:
         assert train.main(_train_args(tiny_model_dir, tiny_ft_space, tmp_path)) == 2
@@ -206,26 +333,41 @@ def test_second_run_into_a_locked_folder_is_refused(tiny_model_dir, tiny_ft_spac
         held.close()
 
 
-# 8. config.toml survives any string ----------------------------------------------------------------------
+# 8. config.toml survives any string
+# ----------------------------------------------------------------------
 def test_to_toml_escapes_strings(tmp_path):
     weird = 'out"dir\\with\ttab\nand "quotes" \\\\ é'
     cfg = ResAlignConfig(output_dir=weird, run_name='a"b', harmful_data="C:\\data\\harm")
     (tmp_path / "c.toml").write_text(to_toml(cfg))
     back = load_toml(tmp_path / "c.toml")
-    assert back["output_dir"] == weird and back["run_name"] == 'a"b' and back["harmful_data"] == "C:\\data\\harm"
+    assert (
+        back["output_dir"] == weird
+        and back["run_name"] == 'a"b'
+        and back["harmful_data"] == "C:\\data\\harm"
+    )
     assert parse_config(["--config", str(tmp_path / "c.toml")]) == cfg
 
 
-# first run -----------------------------------------------------------------------------------------------
-def test_train_reports_one_line_per_step_and_a_summary(tiny_model_dir, tiny_ft_space, tmp_path, capsys, caplog):
+# first run
+# -----------------------------------------------------------------------------------------------
+def test_train_reports_one_line_per_step_and_a_summary(
+    tiny_model_dir, tiny_ft_space, tmp_path, capsys, caplog
+):
     import logging
 
     with caplog.at_level(logging.INFO):
-        assert train.main(_train_args(tiny_model_dir, tiny_ft_space, tmp_path, "--guard", "reference")) == 0
+        assert (
+            train.main(_train_args(tiny_model_dir, tiny_ft_space, tmp_path, "--guard", "reference"))
+            == 0
+        )
     err = capsys.readouterr().err
     steps = [r for r in caplog.records if r.getMessage().startswith("outer step")]
     assert len(steps) == 2
-    noisy = [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("resalign_fast.hypergrad")]
+    noisy = [
+        r
+        for r in caplog.records
+        if r.levelno >= logging.WARNING and r.name.startswith("resalign_fast.hypergrad")
+    ]
     assert noisy == []  # retries and fallbacks go into the step line and the summary
     assert "summary: erased" in err and "next: python -m resalign_fast.evaluate" in err
     assert str(tmp_path / "r") in err
@@ -235,17 +377,41 @@ def test_sample_grid_shows_every_benign_digit(tiny_model_dir, tiny_ft_space, tmp
     from resalign_fast.data.digits import caption
 
     seen = []
-    monkeypatch.setattr(train, "sample_grid", lambda cfg, model, harm, benign, path, **k: seen.append((harm, benign)))
-    assert train.main(_train_args(tiny_model_dir, tiny_ft_space, tmp_path, "--samples_per_prompt", "1",
-                                  "--outer_steps", "1", "--concept", "7")) == 0
+    monkeypatch.setattr(
+        train,
+        "sample_grid",
+        lambda cfg, model, harm, benign, path, **k: seen.append((harm, benign)),
+    )
+    assert (
+        train.main(
+            _train_args(
+                tiny_model_dir,
+                tiny_ft_space,
+                tmp_path,
+                "--samples_per_prompt",
+                "1",
+                "--outer_steps",
+                "1",
+                "--concept",
+                "7",
+            )
+        )
+        == 0
+    )
     assert len(seen) == 2  # before and after
     for harm, benign in seen:
-        assert benign == [caption(d, 0) for d in range(10) if d != 7] and harm == [caption(7, 0), caption(7, 1)]
+        assert benign == [caption(d, 0) for d in range(10) if d != 7] and harm == [
+            caption(7, 0),
+            caption(7, 1),
+        ]
 
 
 def test_help_texts(capsys):
-    for main, prog in [(train.main, "python -m resalign_fast.train"), (finetune.main, "python -m resalign_fast.finetune"),
-                       (evaluate.main, "python -m resalign_fast.evaluate")]:
+    for main, prog in [
+        (train.main, "python -m resalign_fast.train"),
+        (finetune.main, "python -m resalign_fast.finetune"),
+        (evaluate.main, "python -m resalign_fast.evaluate"),
+    ]:
         with pytest.raises(SystemExit):
             main(["--help"])
         out = capsys.readouterr().out
@@ -258,8 +424,10 @@ def test_help_texts(capsys):
     with pytest.raises(SystemExit):
         finetune.main(["--help"])
     out = capsys.readouterr().out
-    examples = out[out.index("Examples:"):]
-    assert "\n    python -m resalign_fast.finetune --algorithm lora" in examples  # one example per line
+    examples = out[out.index("Examples:") :]
+    assert (
+        "\n    python -m resalign_fast.finetune --algorithm lora" in examples
+    )  # one example per line
     from resalign_fast import memory
 
     with pytest.raises(SystemExit):
@@ -275,17 +443,42 @@ def test_train_accepts_learning_rate_alias():
 def test_memory_report_speaks_only_of_traced_configs(capsys):
     from resalign_fast import memory
 
-    memory.main(["--model", "tiny", "--resolution", "8", "--target", "cpu", "--configs", "lora-sgd-standard",
-                 "--hvp", "exact,jvp", "--attention", "fused", "--checkpointing", "on", "--no_lean"])
+    memory.main(
+        [
+            "--model",
+            "tiny",
+            "--resolution",
+            "8",
+            "--target",
+            "cpu",
+            "--configs",
+            "lora-sgd-standard",
+            "--hvp",
+            "exact,jvp",
+            "--attention",
+            "fused",
+            "--checkpointing",
+            "on",
+            "--no_lean",
+        ]
+    )
     out = capsys.readouterr().out
     assert "largest configuration" not in out and "the paper reports" not in out
-    assert "all configs incl. full-parameter" not in out and ": met" not in out and "NOT met" not in out
+    assert (
+        "all configs incl. full-parameter" not in out
+        and ": met" not in out
+        and "NOT met" not in out
+    )
     assert "traced LoRA configs" in out
-    assert "forward-mode (jvp) HVPs cannot run under activation recomputation" in out  # readable footnote
+    assert (
+        "forward-mode (jvp) HVPs cannot run under activation recomputation" in out
+    )  # readable footnote
 
 
 def test_human_reports_round_floats():
     from resalign_fast.eval.report import rounded
 
-    got = rounded({"a": 0.07999999821186066, "b": [12.345678, 3], "c": {"d": 1e-7}, "e": "x", "f": True})
+    got = rounded(
+        {"a": 0.07999999821186066, "b": [12.345678, 3], "c": {"d": 1e-7}, "e": "x", "f": True}
+    )
     assert got == {"a": 0.08, "b": [12.35, 3], "c": {"d": 1e-7}, "e": "x", "f": True}

@@ -1,6 +1,6 @@
-"""--resume after a kill at any point ends with the same weights (bit for bit) as an uninterrupted run
-(CPU, fixed seed, one thread): a real subprocess killed with SIGKILL, and kills injected inside the
-checkpoint write and the export."""
+"""--resume after a kill at any point ends with the same weights (bit for bit) as an uninterrupted
+run (CPU, fixed seed, one thread): a real subprocess killed with SIGKILL, and kills injected inside
+the checkpoint write and the export."""
 
 import json
 from pathlib import Path
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from tiny import run_and_kill
+
 from resalign_fast import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,10 +17,34 @@ STEPS = 4
 
 
 def _args(model_dir, ft_space, out, name, *extra):
-    return ["--pretrained_model_name_or_path", str(model_dir), "--ft_space", str(ft_space), "--output_dir", str(out),
-            "--run_name", name, "--outer_steps", str(STEPS), "--checkpoint_every", "2", "--configs_per_step", "2",
-            "--batch_size", "2", "--iters", "2", "--lr", "1e-2", "--samples_per_prompt", "0", "--no-progress",
-            "--device", "cpu", *extra]
+    return [
+        "--pretrained_model_name_or_path",
+        str(model_dir),
+        "--ft_space",
+        str(ft_space),
+        "--output_dir",
+        str(out),
+        "--run_name",
+        name,
+        "--outer_steps",
+        str(STEPS),
+        "--checkpoint_every",
+        "2",
+        "--configs_per_step",
+        "2",
+        "--batch_size",
+        "2",
+        "--iters",
+        "2",
+        "--lr",
+        "1e-2",
+        "--samples_per_prompt",
+        "0",
+        "--no-progress",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 def _final(run: Path):
@@ -37,7 +61,9 @@ def _assert_same(a, b):
     assert ck_a["step"] == ck_b["step"] == STEPS
     assert all(torch.equal(x, y) for x, y in zip(ck_a["theta"], ck_b["theta"]))
     sa, sb = ck_a["opt"]["state"], ck_b["opt"]["state"]
-    assert sa.keys() == sb.keys() and all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])
+    assert sa.keys() == sb.keys() and all(
+        torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i]
+    )
     assert unet_a.keys() == unet_b.keys() and all(torch.equal(unet_a[k], unet_b[k]) for k in unet_a)
     assert met_a == met_b and [m["step"] for m in met_a] == list(range(STEPS))
 
@@ -46,7 +72,9 @@ def _assert_same(a, b):
 def reference(tiny_model_dir, tiny_ft_space, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref")
     n = torch.get_num_threads()
-    torch.set_num_threads(1)  # module fixtures run before the per-test one-thread fixture; results depend on it
+    torch.set_num_threads(
+        1
+    )  # module fixtures run before the per-test one-thread fixture; results depend on it
     try:
         assert train.main(_args(tiny_model_dir, tiny_ft_space, out, "ref")) == 0
     finally:
@@ -58,7 +86,9 @@ def _kill_when(args, metrics: Path, lines: int, timeout: float = 120.0) -> None:
     run_and_kill("resalign_fast.train", args, metrics, lines, timeout)
 
 
-def test_sigkill_subprocess_then_resume_matches_uninterrupted(reference, tiny_model_dir, tiny_ft_space, tmp_path):
+def test_sigkill_subprocess_then_resume_matches_uninterrupted(
+    reference, tiny_model_dir, tiny_ft_space, tmp_path
+):
     args = _args(tiny_model_dir, tiny_ft_space, tmp_path, "run")
     metrics = tmp_path / "run" / "metrics.jsonl"
     _kill_when(args, metrics, 1)  # before the first checkpoint (step 2)
@@ -72,11 +102,13 @@ class _Killed(BaseException):
     """Stands for SIGKILL: nothing in the program catches it."""
 
 
-def test_kill_inside_checkpoint_write_and_export(reference, tiny_model_dir, tiny_ft_space, tmp_path, monkeypatch):
-    from resalign_fast import runs
+def test_kill_inside_checkpoint_write_and_export(
+    reference, tiny_model_dir, tiny_ft_space, tmp_path, monkeypatch
+):
+    from resalign_fast import export, runs
 
     args = _args(tiny_model_dir, tiny_ft_space, tmp_path, "run")
-    real_save, real_export = runs.checkpoint_save, runs.export_run
+    real_save, real_export = runs.checkpoint_save, export.export_run
 
     def save_then_die(ckpt_dir, algo, step):
         if step == STEPS:  # the .tmp is written, the rename never happens
@@ -93,7 +125,9 @@ def test_kill_inside_checkpoint_write_and_export(reference, tiny_model_dir, tiny
 
     def export_then_die(out, cfg, model, algo):
         real_export(out, cfg, model, algo)
-        (out / "model" / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"half written")
+        (out / "model" / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(
+            b"half written"
+        )
         raise _Killed()
 
     monkeypatch.setattr(train, "checkpoint_save", real_save)
@@ -105,7 +139,9 @@ def test_kill_inside_checkpoint_write_and_export(reference, tiny_model_dir, tiny
     _assert_same(_final(tmp_path / "run"), reference)
 
 
-def test_resume_refuses_changed_settings(reference, tiny_model_dir, tiny_ft_space, tmp_path, capsys):
+def test_resume_refuses_changed_settings(
+    reference, tiny_model_dir, tiny_ft_space, tmp_path, capsys
+):
     args = _args(tiny_model_dir, tiny_ft_space, tmp_path, "run")
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.toml").write_text("lam = 0.5\nseed = 0\n")

@@ -2,12 +2,18 @@
 
 import pytest
 import torch
+from tiny import tiny_unet_config
 
 from resalign_fast.data.encoded import EncodedSet
 from resalign_fast.inner.configs import FTConfig
-from resalign_fast.inner.simulate import ft_batch, ft_loss, inner_problem, optim_spec, simulate_finetune
+from resalign_fast.inner.simulate import (
+    ft_batch,
+    ft_loss,
+    inner_problem,
+    optim_spec,
+    simulate_finetune,
+)
 from resalign_fast.models.lora import ParamSpace, add_lora, lora_names
-from tiny import tiny_unet_config
 
 
 @pytest.fixture
@@ -24,8 +30,11 @@ def setup():
         for p in space.values():
             p.normal_(0, 0.1)
     g = torch.Generator().manual_seed(0)
-    data = EncodedSet(torch.randn(6, 1, 8, 8, generator=g, dtype=torch.float64),
-                      torch.randn(6, 4, 8, generator=g, dtype=torch.float64), ["p"] * 6)
+    data = EncodedSet(
+        torch.randn(6, 1, 8, 8, generator=g, dtype=torch.float64),
+        torch.randn(6, 4, 8, generator=g, dtype=torch.float64),
+        ["p"] * 6,
+    )
     return unet, space, data
 
 
@@ -35,8 +44,14 @@ def test_full_config_pullback_is_the_vjp_of_the_merge(setup):
     prob = inner_problem(space, "lora", "full", theta)
     assert not prob.space.adapters and prob.space.numel() > space.numel()
     # the merged model equals the adapted model
-    x, t, e = torch.randn(2, 1, 8, 8, dtype=torch.float64), torch.tensor([3, 500]), torch.randn(2, 4, 8, dtype=torch.float64)
-    assert torch.allclose(prob.space.eps(prob.phi0(theta), x, t, e), space.eps(theta, x, t, e), atol=1e-10)
+    x, t, e = (
+        torch.randn(2, 1, 8, 8, dtype=torch.float64),
+        torch.tensor([3, 500]),
+        torch.randn(2, 4, 8, dtype=torch.float64),
+    )
+    assert torch.allclose(
+        prob.space.eps(prob.phi0(theta), x, t, e), space.eps(theta, x, t, e), atol=1e-10
+    )
     v = [torch.randn_like(p) for p in prob.phi0(theta)]
     u = [torch.randn_like(p) for p in theta]
     pb = prob.pullback(v)
@@ -45,7 +60,10 @@ def test_full_config_pullback_is_the_vjp_of_the_merge(setup):
     def inner(th):
         return sum((a * b).sum() for a, b in zip(prob.phi0(th), v))
 
-    fd = (inner([a + eps * b for a, b in zip(theta, u)]) - inner([a - eps * b for a, b in zip(theta, u)])) / (2 * eps)
+    fd = (
+        inner([a + eps * b for a, b in zip(theta, u)])
+        - inner([a - eps * b for a, b in zip(theta, u)])
+    ) / (2 * eps)
     assert torch.allclose(sum((a * b).sum() for a, b in zip(pb, u)), fd, rtol=1e-7)
 
 
@@ -80,7 +98,16 @@ def test_proximal_variant_stays_closer(setup):
     alphas = torch.linspace(0.99, 0.01, 1000, dtype=torch.float64)
 
     def dist(gamma):
-        out = simulate_finetune(space, theta, cfg, data, data, alphas, torch.Generator().manual_seed(2), proximal_gamma=gamma)
+        out = simulate_finetune(
+            space,
+            theta,
+            cfg,
+            data,
+            data,
+            alphas,
+            torch.Generator().manual_seed(2),
+            proximal_gamma=gamma,
+        )
         return sum(((a - b) ** 2).sum() for a, b in zip(out, theta)).sqrt()
 
     assert dist(0.5) < dist(None)
@@ -109,10 +136,21 @@ def test_inplace_simulation_matches_simulate_finetune(setup, optimizer):
     unet, space, data = setup
     theta = [p.detach().clone() for p in space.values()]
     prob = inner_problem(space, "lora", "full", theta)
-    cfg = FTConfig(lr=1e-2, steps=3, optimizer=optimizer, algorithm="full", loss="dreambooth", batch_size=2)
+    cfg = FTConfig(
+        lr=1e-2, steps=3, optimizer=optimizer, algorithm="full", loss="dreambooth", batch_size=2
+    )
     alphas = torch.linspace(0.99, 0.01, 1000, dtype=torch.float64)
     phi0 = [p.detach().clone() for p in prob.phi0(theta)]
-    ref = simulate_finetune(prob.space, phi0, cfg, data, data, alphas, torch.Generator().manual_seed(4), split_terms=True)
+    ref = simulate_finetune(
+        prob.space,
+        phi0,
+        cfg,
+        data,
+        data,
+        alphas,
+        torch.Generator().manual_seed(4),
+        split_terms=True,
+    )
     params = prob.space.values()
     before = [p.detach().clone() for p in params]
     backup = host_backup(params)
@@ -122,8 +160,12 @@ def test_inplace_simulation_matches_simulate_finetune(setup, optimizer):
     for p in params:
         p.requires_grad_(True)
     g = torch.Generator().manual_seed(4)
-    simulate_inplace(params, lambda: ft_loss(prob.space, params, cfg, ft_batch(cfg, data, data, alphas, g)),
-                     optim_spec(cfg), cfg.steps)
+    simulate_inplace(
+        params,
+        lambda: ft_loss(prob.space, params, cfg, ft_batch(cfg, data, data, alphas, g)),
+        optim_spec(cfg),
+        cfg.steps,
+    )
     err = max(float((a.detach() - b).abs().max()) for a, b in zip(params, ref))
     assert err < 1e-12 and any(not torch.equal(a, b) for a, b in zip(ref, phi0)), err
     assert all(p.grad is None for p in params)

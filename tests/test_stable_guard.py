@@ -32,21 +32,27 @@ def test_power_iteration_finds_the_top_eigenvalue(gen):
 
 
 def test_stiff_spectrum_reference_falls_back_stable_converges(gen):
-    """gamma * top curvature = 100: the reference guard halves alpha 5 times and drops the resilience
-    term; the stable guard solves it with no retry."""
+    """gamma * top curvature = 100: the reference guard halves alpha 5 times and drops the
+    resilience term; the stable guard solves it with no retry."""
     a, b = spd(gen, 0.0, 100.0), torch.randn(N, generator=gen, dtype=DT)
     direct = torch.randn(N, generator=gen, dtype=DT)
     _, ref = guarded_hypergrad(split(direct), split(b), matvec(a), iters=5, max_grad_norm=None)
     assert ref.fallback and ref.retries == 5
     want = direct + exact(a, b, 1.0)
     calls = []
-    g, info, _ = stable_hypergrad(split(direct), split(b), matvec(a, calls), gamma=1.0, iters=5, power_iters=3)
+    g, info, _ = stable_hypergrad(
+        split(direct), split(b), matvec(a, calls), gamma=1.0, iters=5, power_iters=3
+    )
     assert not info.fallback and len(calls) == info.hvps == 8
     # closer than both the first-order answer (v = b) and the reference's fallback (v = 0)
     err = rel(g, split(want))
-    assert err < 0.5 * rel(split(direct + b), split(want)) and err < 0.5 * rel(split(direct), split(want))
+    assert err < 0.5 * rel(split(direct + b), split(want)) and err < 0.5 * rel(
+        split(direct), split(want)
+    )
     # and it converges to the exact answer
-    g, info, _ = stable_hypergrad(split(direct), split(b), matvec(a), gamma=1.0, iters=3000, power_iters=20)
+    g, info, _ = stable_hypergrad(
+        split(direct), split(b), matvec(a), gamma=1.0, iters=3000, power_iters=20
+    )
     assert not info.fallback and rel(g, split(want)) < 1e-8
 
 
@@ -54,7 +60,9 @@ def test_stiff_spectrum_reference_falls_back_stable_converges(gen):
 def test_mild_spectrum_matches_closed_form(gen, gamma):
     a, b = spd(gen, 0.0, 2.0), torch.randn(N, generator=gen, dtype=DT)
     direct = torch.zeros(N, dtype=DT)
-    g, info, _ = stable_hypergrad(split(direct), split(b), matvec(a), gamma=gamma, iters=400, power_iters=30)
+    g, info, _ = stable_hypergrad(
+        split(direct), split(b), matvec(a), gamma=gamma, iters=400, power_iters=30
+    )
     assert not info.fallback and rel(g, split(exact(a, b, gamma))) < 1e-6
 
 
@@ -62,18 +70,24 @@ def test_fallback_keeps_the_first_order_term(gen):
     """Negative curvature beyond -1/gamma: no solve, g = direct + pullback(b), not direct."""
     a, b = spd(gen, -3.0, -2.0), torch.randn(N, generator=gen, dtype=DT)
     direct = torch.randn(N, generator=gen, dtype=DT)
-    g, info, _ = stable_hypergrad(split(direct), split(b), matvec(a), gamma=1.0, iters=5, power_iters=3)
+    g, info, _ = stable_hypergrad(
+        split(direct), split(b), matvec(a), gamma=1.0, iters=5, power_iters=3
+    )
     assert info.fallback and "positive definite" in info.reasons[-1]
     assert torch.equal(cat(g), direct + b)
     # a non-finite HVP also falls back to first order
-    g, info, _ = stable_hypergrad(split(direct), split(b), lambda v: [x * float("nan") for x in v], gamma=1.0)
+    g, info, _ = stable_hypergrad(
+        split(direct), split(b), lambda v: [x * float("nan") for x in v], gamma=1.0
+    )
     assert info.fallback and torch.equal(cat(g), direct + b)
 
 
 def test_gamma_zero_is_first_order_without_hvps(gen):
     b, direct = torch.randn(N, generator=gen, dtype=DT), torch.randn(N, generator=gen, dtype=DT)
     calls = []
-    g, info, _ = stable_hypergrad(split(direct), split(b), matvec(torch.eye(N, dtype=DT), calls), gamma=0.0)
+    g, info, _ = stable_hypergrad(
+        split(direct), split(b), matvec(torch.eye(N, dtype=DT), calls), gamma=0.0
+    )
     assert not calls and not info.fallback and torch.equal(cat(g), direct + b)
 
 
@@ -81,12 +95,21 @@ def test_pullback_and_warm_start(gen):
     a, b = spd(gen, 0.0, 50.0), torch.randn(N, generator=gen, dtype=DT)
     direct = torch.zeros(3, dtype=DT)
     p = torch.randn(3, N, generator=gen, dtype=DT)  # pullback: v -> P v
-    g, info, u = stable_hypergrad([direct], split(b), matvec(a), gamma=1.0, iters=2000, power_iters=40,
-                                  pullback=lambda v: [p @ cat(v)])
+    g, info, u = stable_hypergrad(
+        [direct],
+        split(b),
+        matvec(a),
+        gamma=1.0,
+        iters=2000,
+        power_iters=40,
+        pullback=lambda v: [p @ cat(v)],
+    )
     assert not info.fallback and rel(g, [p @ exact(a, b, 1.0)]) < 1e-7
     # the returned eigenvector warm-starts the next call: one power HVP suffices for the same step
     calls = []
-    _, warm, _ = stable_hypergrad([direct], split(b), matvec(a, calls), gamma=1.0, iters=5, power_iters=4, warm=u)
+    _, warm, _ = stable_hypergrad(
+        [direct], split(b), matvec(a, calls), gamma=1.0, iters=5, power_iters=4, warm=u
+    )
     assert len(calls) == warm.hvps == 1 + 5  # one power HVP from a warm start
     _, cold, _ = stable_hypergrad([direct], split(b), matvec(a), gamma=1.0, iters=5, power_iters=1)
     assert warm.alpha_used == pytest.approx(info.alpha_used, rel=1e-2)
@@ -102,7 +125,9 @@ def test_solve_with_b_in_other_memory_and_identity_hvp_matches_plain():
     b = [torch.randn(6, dtype=torch.float64)]
     d = [torch.zeros(6, dtype=torch.float64)]
     plain, _, u0 = stable_hypergrad(d, b, lambda v: [H @ v[0]], gamma=0.5, iters=40)
-    moved, _, u1 = stable_hypergrad(d, b, lambda v: [H @ v[0]], gamma=0.5, iters=40, device=torch.device("cpu"))
+    moved, _, u1 = stable_hypergrad(
+        d, b, lambda v: [H @ v[0]], gamma=0.5, iters=40, device=torch.device("cpu")
+    )
     assert torch.equal(plain[0], moved[0]) and torch.equal(u0[0], u1[0])
     want = torch.linalg.solve(torch.eye(6, dtype=torch.float64) + 0.5 * H, b[0])
     assert torch.allclose(plain[0], want, rtol=1e-6, atol=1e-9)

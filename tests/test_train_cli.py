@@ -1,4 +1,5 @@
-"""`python -m resalign_fast.train` end to end on a tiny model (2 outer steps), and its input errors."""
+"""`python -m resalign_fast.train` end to end on a tiny model (2 outer steps), and its input
+errors."""
 
 import json
 
@@ -9,9 +10,28 @@ from resalign_fast.train import main
 
 
 def _args(tiny_model_dir, tiny_ft_space, tmp_path, *extra):
-    return ["--pretrained_model_name_or_path", str(tiny_model_dir), "--ft_space", str(tiny_ft_space),
-            "--output_dir", str(tmp_path), "--run_name", "r", "--outer_steps", "2", "--batch_size", "2",
-            "--samples_per_prompt", "1", "--sample_steps", "2", "--no-progress", "--checkpoint_every", "1", *extra]
+    return [
+        "--pretrained_model_name_or_path",
+        str(tiny_model_dir),
+        "--ft_space",
+        str(tiny_ft_space),
+        "--output_dir",
+        str(tmp_path),
+        "--run_name",
+        "r",
+        "--outer_steps",
+        "2",
+        "--batch_size",
+        "2",
+        "--samples_per_prompt",
+        "1",
+        "--sample_steps",
+        "2",
+        "--no-progress",
+        "--checkpoint_every",
+        "1",
+        *extra,
+    ]
 
 
 def test_two_outer_steps_write_every_output(tiny_model_dir, tiny_ft_space, tmp_path):
@@ -21,9 +41,23 @@ def test_two_outer_steps_write_every_output(tiny_model_dir, tiny_ft_space, tmp_p
     assert [m["step"] for m in lines] == [0, 1]
     for m in lines:
         assert len(m["configs"]) == 2 and m["seconds"] > 0 and m["hypergrad_norm"] > 0
-        assert {"harmful", "preserve", "recovered", "retries", "fallbacks", "peak_memory_bytes"} <= set(m)
-    for f in ("config.toml", "samples_before.png", "samples_after.png", "model/unet/diffusion_pytorch_model.safetensors",
-              "model/model_index.json", "lora/pytorch_lora_weights.safetensors", "checkpoints/last.pt"):
+        assert {
+            "harmful",
+            "preserve",
+            "recovered",
+            "retries",
+            "fallbacks",
+            "peak_memory_bytes",
+        } <= set(m)
+    for f in (
+        "config.toml",
+        "samples_before.png",
+        "samples_after.png",
+        "model/unet/diffusion_pytorch_model.safetensors",
+        "model/model_index.json",
+        "lora/pytorch_lora_weights.safetensors",
+        "checkpoints/last.pt",
+    ):
         assert (run / f).is_file(), f
     # the exported UNet is the base with theta merged: it differs from the base model
     from safetensors.torch import load_file
@@ -44,10 +78,15 @@ def test_existing_run_needs_resume(tiny_model_dir, tiny_ft_space, tmp_path, caps
     assert (tmp_path / "r" / "keep.txt").read_text() == "data"
 
 
-@pytest.mark.parametrize("flags, msg", [(["--pretrained_model_name_or_path", "CompVis/stable-diffusion-v1-4"], "hub id"),
-                                        (["--pretrained_model_name_or_path", "/nonexistent/sd"], "no such model"),
-                                        (["--ft_space", "nope"], "unknown name"),
-                                        (["--lam", "2"], "lam")])
+@pytest.mark.parametrize(
+    "flags, msg",
+    [
+        (["--pretrained_model_name_or_path", "CompVis/stable-diffusion-v1-4"], "hub id"),
+        (["--pretrained_model_name_or_path", "/nonexistent/sd"], "no such model"),
+        (["--ft_space", "nope"], "unknown name"),
+        (["--lam", "2"], "lam"),
+    ],
+)
 def test_bad_input_one_message_nonzero(tiny_model_dir, tiny_ft_space, tmp_path, capsys, flags, msg):
     assert main(_args(tiny_model_dir, tiny_ft_space, tmp_path) + flags) == 2
     err = capsys.readouterr().err

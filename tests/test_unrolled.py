@@ -19,11 +19,13 @@ SPECS = [
 
 
 # ----------------------------------------------------------------------------- problems
-def _mlp_problem(seed: int, steps: int, dtype=F64, batch: int = 8, width: int = 5, device: str = "cpu"):
+def _mlp_problem(
+    seed: int, steps: int, dtype=F64, batch: int = 8, width: int = 5, device: str = "cpu"
+):
     """theta = [W1 (3, width), b1 (width,), W2 (width, 2)]; a fresh batch per fine-tuning step."""
     g = torch.Generator().manual_seed(seed)
     rand = lambda *s: torch.randn(*s, generator=g, dtype=dtype).to(device)  # noqa: E731
-    theta = [rand(3, width), 0.1 * rand(width), rand(width, 2) / width ** 0.5]
+    theta = [rand(3, width), 0.1 * rand(width), rand(width, 2) / width**0.5]
     xs = [rand(batch, 3) for _ in range(steps + 1)]
     ys = [rand(batch, 2) for _ in range(steps + 1)]
 
@@ -63,7 +65,9 @@ def test_checkpointed_equals_full(spec):
     full = unrolled_hypergrad(theta, outer, ft, spec, steps, checkpoint=False)
     ckpt = unrolled_hypergrad(theta, outer, ft, spec, steps, checkpoint=True)
     first_order = unrolled_hypergrad(theta, outer, ft, spec, steps, truncate=0)
-    assert _rel(first_order, full) > 1e-4  # the trajectory matters, so the comparison means something
+    assert (
+        _rel(first_order, full) > 1e-4
+    )  # the trajectory matters, so the comparison means something
     for a, b in zip(ckpt, full):
         assert a.shape == b.shape and a.dtype == F64
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
@@ -99,10 +103,12 @@ def test_theta_not_modified_and_no_grad_context():
     assert all(not x.requires_grad for x in grad)
 
 
-# ----------------------------------------------------------------------------- quadratic closed form
+# ----------------------------------------------------------------------------- quadratic closed
+# form
 def _quadratic(seed: int, steps: int, spec: OptimSpec):
     """theta = [u (2, 3), v (4,)] flattened to z (10,); ft_loss_t = z^T A_t z / 2 - b_t^T z;
-    outer = c^T phi + z_theta^T D z_theta / 2. Returns the problem and the per-step SGD Jacobians."""
+    outer = c^T phi + z_theta^T D z_theta / 2. Returns the problem and the per-step SGD
+    Jacobians."""
     g = torch.Generator().manual_seed(seed)
     d = 10
     theta = [torch.randn(2, 3, generator=g, dtype=F64), torch.randn(4, generator=g, dtype=F64)]
@@ -141,7 +147,9 @@ def test_quadratic_sgd_closed_form(checkpoint, wd, truncate):
     for t in reversed(range(first, steps)):
         adj = jac[t].T @ adj
     want = direct + adj
-    got = flat(unrolled_hypergrad(theta, outer, ft, spec, steps, truncate=truncate, checkpoint=checkpoint))
+    got = flat(
+        unrolled_hypergrad(theta, outer, ft, spec, steps, truncate=truncate, checkpoint=checkpoint)
+    )
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
@@ -152,9 +160,12 @@ def test_truncation_as_documented(checkpoint):
     theta, outer, ft = _mlp_problem(seed=8, steps=steps)
     full = unrolled_hypergrad(theta, outer, ft, spec, steps, checkpoint=checkpoint)
     for big in (steps, steps + 3):
-        same = unrolled_hypergrad(theta, outer, ft, spec, steps, truncate=big, checkpoint=checkpoint)
+        same = unrolled_hypergrad(
+            theta, outer, ft, spec, steps, truncate=big, checkpoint=checkpoint
+        )
         assert all(torch.equal(a, b) for a, b in zip(same, full))
-    # truncate=0: d_theta outer + d_phi outer at (theta, phi_T), phi_T from an independent simulation.
+    # truncate=0: d_theta outer + d_phi outer at (theta, phi_T), phi_T from an independent
+    # simulation.
     th = [x.clone().requires_grad_() for x in theta]
     phi_t = [p.requires_grad_() for p in _simulate(spec, theta, ft, steps)]
     grads = torch.autograd.grad(outer(th, phi_t), th + phi_t, allow_unused=True)
@@ -171,9 +182,14 @@ def test_truncation_as_documented(checkpoint):
     assert _rel(mine, full) > 1e-6 and _rel(mine, zero) > 1e-6
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(steps=-1), "steps"), (dict(steps=2.0), "steps"), (dict(steps=2, truncate=-1), "truncate"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(steps=-1), "steps"),
+        (dict(steps=2.0), "steps"),
+        (dict(steps=2, truncate=-1), "truncate"),
+    ],
+)
 def test_bad_arguments(kwargs, match):
     theta, outer, ft = _mlp_problem(seed=1, steps=2)
     with pytest.raises(ValueError, match=match):
@@ -192,28 +208,46 @@ def test_bad_losses():
 
 # ----------------------------------------------------------------------------- tiny diffusers UNet
 def _unet_problem(dtype=torch.float32, device="cpu", batch: int = 1, size: int = 8, steps: int = 3):
-    """Full-parameter theta of a tiny UNet2DConditionModel; denoising losses on fixed random batches."""
+    """Full-parameter theta of a tiny UNet2DConditionModel; denoising losses on fixed random
+    batches."""
     diffusers = pytest.importorskip("diffusers")
     from diffusers.models.attention_processor import AttnProcessor
     from torch.func import functional_call
 
     torch.manual_seed(0)
     unet = diffusers.UNet2DConditionModel(
-        sample_size=size, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=8, attention_head_dim=2, norm_num_groups=4)
+        sample_size=size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=8,
+        attention_head_dim=2,
+        norm_num_groups=4,
+    )
     unet.set_attn_processor(AttnProcessor())  # CPU SDPA has no double backward
     unet.to(device=device, dtype=dtype).requires_grad_(False)
     names = [n for n, _ in unet.named_parameters()]
     theta = [p.detach() for _, p in unet.named_parameters()]
     g = torch.Generator().manual_seed(1)
     rand = lambda *s: torch.randn(*s, generator=g, dtype=dtype).to(device)  # noqa: E731
-    data = [(rand(batch, 4, size, size), torch.randint(0, 1000, (batch,), generator=g).to(device),
-             rand(batch, 5, 8), rand(batch, 4, size, size)) for _ in range(steps + 1)]
+    data = [
+        (
+            rand(batch, 4, size, size),
+            torch.randint(0, 1000, (batch,), generator=g).to(device),
+            rand(batch, 5, 8),
+            rand(batch, 4, size, size),
+        )
+        for _ in range(steps + 1)
+    ]
 
     def mse(phi, d):
         x, ts, enc, noise = d
-        out = functional_call(unet, dict(zip(names, phi)), (x, ts), {"encoder_hidden_states": enc}).sample
+        out = functional_call(
+            unet, dict(zip(names, phi)), (x, ts), {"encoder_hidden_states": enc}
+        ).sample
         return (out - noise).pow(2).mean()
 
     return theta, (lambda th, phi: -mse(phi, data[steps])), (lambda phi, t: mse(phi, data[t]))
@@ -233,7 +267,10 @@ def test_unet_checkpointed_equals_full_fp32(device):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:  # TF32 off: fp32 means fp32 on the GPU too
-        with torch.backends.mkldnn.flags(enabled=False), torch.backends.cudnn.flags(allow_tf32=False):
+        with (
+            torch.backends.mkldnn.flags(enabled=False),
+            torch.backends.cudnn.flags(allow_tf32=False),
+        ):
             matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
             torch.backends.cuda.matmul.allow_tf32 = False
             full = unrolled_hypergrad(theta, outer, ft, spec, steps, checkpoint=False)
@@ -296,7 +333,10 @@ def _saved_peak(problem, spec, steps, checkpoint):
 def test_activation_memory_independent_of_steps():
     """Saved-for-backward bytes: flat in T when checkpointed, linear in T for full unrolling."""
     spec = SPECS[2]
-    problem = lambda steps: _mlp_problem(seed=4, steps=steps, dtype=torch.float32, batch=64, width=32)  # noqa: E731
+
+    def problem(steps):
+        return _mlp_problem(seed=4, steps=steps, dtype=torch.float32, batch=64, width=32)
+
     ckpt = [_saved_peak(problem, spec, s, True) for s in (2, 4, 8)]
     full = [_saved_peak(problem, spec, s, False) for s in (2, 4, 8)]
     assert ckpt[0] == ckpt[1] == ckpt[2], ckpt
@@ -322,17 +362,24 @@ def test_cuda_peak_memory_growth(model):
     """torch.cuda.max_memory_allocated: checkpointed grows only by the (phi_t, s_t) snapshots."""
     spec, steps_list = OptimSpec("sgd", lr=0.05, momentum=0.9), (2, 4, 8)
     if model == "mlp":
+
         def problem(s):
-            return _mlp_problem(seed=2, steps=s, dtype=torch.float32, batch=4096, width=512, device="cuda")
+            return _mlp_problem(
+                seed=2, steps=s, dtype=torch.float32, batch=4096, width=512, device="cuda"
+            )
     else:
+
         def problem(s):
             return _unet_problem(steps=s, device="cuda", batch=8, size=16)
+
     theta = problem(1)[0]
     snapshot_bytes = 2 * sum(x.numel() * x.element_size() for x in theta)  # phi_t + momentum buffer
     ckpt = [_cuda_peak(problem, spec, s, True) for s in steps_list]
     full = [_cuda_peak(problem, spec, s, False) for s in steps_list]
-    print(f"\n{model}: params {snapshot_bytes // 2} B; peak bytes for steps {steps_list}: "
-          f"checkpointed {ckpt}, full {full}")
-    allowance = 1.5 * (steps_list[-1] - steps_list[0]) * snapshot_bytes + 2 ** 21
+    print(
+        f"\n{model}: params {snapshot_bytes // 2} B; peak bytes for steps {steps_list}: "
+        f"checkpointed {ckpt}, full {full}"
+    )
+    allowance = 1.5 * (steps_list[-1] - steps_list[0]) * snapshot_bytes + 2**21
     assert ckpt[-1] - ckpt[0] <= allowance, (ckpt, allowance)
     assert full[-1] - full[0] > 2 * (ckpt[-1] - ckpt[0]), (full, ckpt)

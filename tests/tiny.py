@@ -1,11 +1,21 @@
-"""Tiny model configs shared by tests (imported as `tiny`: `conftest` names clash across folders)."""
+"""Tiny model configs shared by tests (imported as `tiny`: `conftest` names clash across
+folders)."""
 
 
 def tiny_unet_config(**kw) -> dict:
     """A diffusers UNet2DConditionModel config small enough for second-order tests."""
-    cfg = dict(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
-               down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-               cross_attention_dim=8, attention_head_dim=2, norm_num_groups=4)
+    cfg = dict(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=8,
+        attention_head_dim=2,
+        norm_num_groups=4,
+    )
     cfg.update(kw)
     return cfg
 
@@ -22,8 +32,13 @@ def run_and_kill(module: str, args: list[str], watched, lines: int, timeout: flo
 
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=root, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module, *args],
+        cwd=root,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     t0 = time.time()
     try:
         while proc.poll() is None and time.time() - t0 < timeout:

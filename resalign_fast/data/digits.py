@@ -1,4 +1,5 @@
-"""The embedded default world: scikit-learn's bundled handwritten digits as a text-to-image data set.
+"""The embedded default world: scikit-learn's bundled handwritten digits as a text-to-image data
+set.
 
 No download: `sklearn.datasets.load_digits` ships 1,797 real 8x8 digits inside scikit-learn. We
 upsample them to `resolution` pixels, scale them to [-1, 1] and caption each with several templates.
@@ -87,7 +88,9 @@ def captioned_set(images: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> 
     return PromptImageSet(images=images, prompts=prompts, labels=labels)
 
 
-def digits_world(concept: int = 7, resolution: int = 16, seed: int = 0) -> dict[str, PromptImageSet]:
+def digits_world(
+    concept: int = 7, resolution: int = 16, seed: int = 0
+) -> dict[str, PromptImageSet]:
     """The three data sets of the method on the digits world.
 
     D_harmful: training images of `concept`. D_preserve: half of the other training digits.
@@ -113,13 +116,15 @@ def digits_world(concept: int = 7, resolution: int = 16, seed: int = 0) -> dict[
     }
 
 
-def benign_subset(name: str, concept: int = 7, resolution: int = 16, seed: int = 0) -> PromptImageSet:
+def benign_subset(
+    name: str, concept: int = 7, resolution: int = 16, seed: int = 0
+) -> PromptImageSet:
     """A named subset of the digits world for downstream fine-tuning.
 
     Names: "benign" (D_FT: the benign half not used for preservation), "benign-all" (every training
     digit except `concept`), "digit-N" (training images of digit N), "mixed-P" (D_FT plus training
-    images of `concept`, drawn by `seed`, making up P percent of the set, 1 <= P <= 50: a user's data
-    that holds some of the erased concept).
+    images of `concept`, drawn by `seed`, making up P percent of the set, 1 <= P <= 50: a user's
+    data that holds some of the erased concept).
     """
     images, labels = digits_split("train", resolution)
     if name == "benign":
@@ -129,14 +134,26 @@ def benign_subset(name: str, concept: int = 7, resolution: int = 16, seed: int =
         ft, harm = world["ft"], world["harmful"]
         n = round(len(ft) * int(name[6:]) / (100 - int(name[6:])))
         if n > len(harm):
-            raise ValueError(f"digits subset {name!r}: needs {n} images of {concept}, the training split has {len(harm)}")
-        pick = torch.randperm(len(harm), generator=torch.Generator().manual_seed(seed + 5))[:n].sort().values
-        return PromptImageSet(images=torch.cat([ft.images, harm.images[pick]]), prompts=ft.prompts + [harm.prompts[int(i)] for i in pick],
-                              labels=torch.cat([ft.labels, harm.labels[pick]]))
+            raise ValueError(
+                f"digits subset {name!r}: needs {n} images of {concept}, the training split has "
+                f"{len(harm)}"
+            )
+        pick = (
+            torch.randperm(len(harm), generator=torch.Generator().manual_seed(seed + 5))[:n]
+            .sort()
+            .values
+        )
+        return PromptImageSet(
+            images=torch.cat([ft.images, harm.images[pick]]),
+            prompts=ft.prompts + [harm.prompts[int(i)] for i in pick],
+            labels=torch.cat([ft.labels, harm.labels[pick]]),
+        )
     if name == "benign-all":
         keep = labels != concept
     elif name.startswith("digit-") and name[6:].isdigit() and 0 <= int(name[6:]) <= 9:
         keep = labels == int(name[6:])
     else:
-        raise ValueError(f"unknown digits subset {name!r}: use 'benign', 'benign-all', 'digit-N' or 'mixed-P'")
+        raise ValueError(
+            f"unknown digits subset {name!r}: use 'benign', 'benign-all', 'digit-N' or 'mixed-P'"
+        )
     return captioned_set(images[keep], labels[keep], seed + 3)

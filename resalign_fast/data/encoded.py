@@ -11,7 +11,6 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -31,10 +30,16 @@ class EncodedSet:
     def __len__(self) -> int:
         return self.x0.shape[0]
 
-    def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(
+        self, batch_size: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """A random batch (with replacement when the set is smaller than the batch)."""
         n = len(self)
-        idx = torch.randperm(n, generator=generator)[:batch_size] if n >= batch_size else torch.randint(0, n, (batch_size,), generator=generator)
+        idx = (
+            torch.randperm(n, generator=generator)[:batch_size]
+            if n >= batch_size
+            else torch.randint(0, n, (batch_size,), generator=generator)
+        )
         idx = idx.to(self.x0.device)
         return self.x0[idx], self.emb[idx]
 
@@ -46,14 +51,23 @@ def _key(model_id: str, data: PromptImageSet) -> str:
     return h.hexdigest()[:24]
 
 
-def encode_set(model, data: PromptImageSet, device: torch.device, cache_dir: Optional[Path] = None,
-               batch_size: int = 16) -> EncodedSet:
+def encode_set(
+    model,
+    data: PromptImageSet,
+    device: torch.device,
+    cache_dir: Path | None = None,
+    batch_size: int = 16,
+) -> EncodedSet:
     """Encode images to UNet inputs and prompts to embeddings (see module doc for caching).
 
     The cache key covers the model's weights and frozen dtype (`model.fingerprint`; the source path
     when empty) and the images and prompts. A cache file that cannot be read is re-encoded.
     """
-    path = Path(cache_dir) / f"{_key(getattr(model, 'fingerprint', '') or model.source, data)}.pt" if cache_dir else None
+    path = (
+        Path(cache_dir) / f"{_key(getattr(model, 'fingerprint', '') or model.source, data)}.pt"
+        if cache_dir
+        else None
+    )
     if path is not None and path.is_file():
         try:
             d = torch.load(path, weights_only=True)
@@ -66,8 +80,10 @@ def encode_set(model, data: PromptImageSet, device: torch.device, cache_dir: Opt
     xs = []
     vae_dev = next(model.vae.parameters()).device if model.vae is not None else device
     for i in range(0, len(data), batch_size):
-        xs.append(model.to_latents(data.images[i:i + batch_size].to(vae_dev)).to(device))
-    enc = EncodedSet(torch.cat(xs).float(), model.encode_prompts(data.prompts).to(device).float(), data.prompts)
+        xs.append(model.to_latents(data.images[i : i + batch_size].to(vae_dev)).to(device))
+    enc = EncodedSet(
+        torch.cat(xs).float(), model.encode_prompts(data.prompts).to(device).float(), data.prompts
+    )
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")  # unique per process: ranks may write at once

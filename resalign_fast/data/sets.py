@@ -10,7 +10,6 @@ import csv
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -38,7 +37,7 @@ class PromptImageSet:
 
     images: torch.Tensor
     prompts: list[str]
-    labels: Optional[torch.Tensor] = None
+    labels: torch.Tensor | None = None
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -53,7 +52,7 @@ class PromptImageSet:
     def __len__(self) -> int:
         return len(self.prompts)
 
-    def subset(self, idx: torch.Tensor) -> "PromptImageSet":
+    def subset(self, idx: torch.Tensor) -> PromptImageSet:
         """The items at integer indices `idx`."""
         return PromptImageSet(
             images=self.images[idx],
@@ -68,7 +67,9 @@ def read_metadata(folder: Path) -> list[tuple[str, str]]:
     if not folder.is_dir():
         raise DataError(f"{folder}: not a directory")
     if not meta.is_file():
-        raise DataError(f"{meta}: missing (an image folder needs metadata.csv with file_name and text columns)")
+        raise DataError(
+            f"{meta}: missing (an image folder needs metadata.csv with file_name and text columns)"
+        )
     try:
         with open(meta, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
@@ -77,7 +78,10 @@ def read_metadata(folder: Path) -> list[tuple[str, str]]:
                 raise DataError(f"{meta}: no 'file_name' column (columns: {cols})")
             cap = next((c for c in CAPTION_COLUMNS if c in cols), None)
             if cap is None:
-                raise DataError(f"{meta}: no caption column, expected one of {CAPTION_COLUMNS} (columns: {cols})")
+                raise DataError(
+                    f"{meta}: no caption column, expected one of {CAPTION_COLUMNS} (columns: "
+                    f"{cols})"
+                )
             rows = []
             for row in reader:
                 name, text = (row.get("file_name") or "").strip(), row.get(cap)
@@ -105,14 +109,23 @@ def load_image(path: Path, resolution: int, channels: int) -> torch.Tensor:
 
     with Image.open(path) as im:
         im.load()
-        if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit greyscale: scale to 8 bits (convert would clip)
-            im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257.0).clip(0, 255).round().astype(np.uint8))
+        if im.mode in (
+            "I;16",
+            "I;16B",
+            "I;16L",
+            "I",
+        ):  # 16-bit greyscale: scale to 8 bits (convert would clip)
+            im = Image.fromarray(
+                (np.asarray(im, dtype=np.float64) / 257.0).clip(0, 255).round().astype(np.uint8)
+            )
         elif im.mode not in _CONVERTIBLE:
             raise ValueError(f"unsupported image mode {im.mode}")
         im = im.convert("L" if channels == 1 else "RGB")
         w, h = im.size
         s = resolution / min(w, h)
-        im = im.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
+        im = im.resize(
+            (max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC
+        )
         w, h = im.size
         left, top = (w - resolution) // 2, (h - resolution) // 2
         im = im.crop((left, top, left + resolution, top + resolution))
@@ -150,7 +163,9 @@ def load_image_folder(folder: str | Path, resolution: int, channels: int = 3) ->
     for name, why in skipped:
         log.warning("%s: skipped %s (%s)", folder, name, why)
     if skipped:
-        log.warning("%s: skipped %d of %d images listed in metadata.csv", folder, len(skipped), len(rows))
+        log.warning(
+            "%s: skipped %d of %d images listed in metadata.csv", folder, len(skipped), len(rows)
+        )
     if not images:
         raise DataError(f"{folder}: no usable image among {len(rows)} rows of metadata.csv")
     return PromptImageSet(images=torch.stack(images), prompts=prompts, skipped=skipped)

@@ -45,7 +45,10 @@ def load_classifier(path: Path = CLASSIFIER_PATH) -> DigitClassifier:
     from safetensors.torch import load_file
 
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: digit classifier weights missing; run `python -m resalign_fast.eval.classifier`")
+        raise FileNotFoundError(
+            f"{path}: digit classifier weights missing; run `python -m "
+            f"resalign_fast.eval.classifier`"
+        )
     m = DigitClassifier()
     m.load_state_dict(load_file(str(path)))
     return m.eval().requires_grad_(False)
@@ -57,7 +60,9 @@ def accuracy(model: DigitClassifier, images: torch.Tensor, labels: torch.Tensor)
     return (model(images).argmax(1) == labels).float().mean().item()
 
 
-def train_classifier(seed: int = 0, epochs: int = 30, resolution: int = 16) -> tuple[DigitClassifier, dict]:
+def train_classifier(
+    seed: int = 0, epochs: int = 30, resolution: int = 16
+) -> tuple[DigitClassifier, dict]:
     """Train on the train split with light augmentation (shifts, noise); report test accuracy."""
     from resalign_fast.data.digits import digits_split
 
@@ -71,7 +76,7 @@ def train_classifier(seed: int = 0, epochs: int = 30, resolution: int = 16) -> t
     for _ in range(epochs):
         perm = torch.randperm(len(ytr), generator=g)
         for i in range(0, len(perm), 64):
-            idx = perm[i:i + 64]
+            idx = perm[i : i + 64]
             x = xtr[idx]
             dx, dy = torch.randint(-1, 2, (2,), generator=g).tolist()
             x = torch.roll(x, shifts=(dx, dy), dims=(2, 3))
@@ -81,8 +86,15 @@ def train_classifier(seed: int = 0, epochs: int = 30, resolution: int = 16) -> t
             loss.backward()
             opt.step()
     m.eval()
-    info = {"seed": seed, "epochs": epochs, "resolution": resolution, "train_size": len(ytr),
-            "test_size": len(yte), "test_accuracy": accuracy(m, xte, yte), "seconds": round(time.time() - t0, 1)}
+    info = {
+        "seed": seed,
+        "epochs": epochs,
+        "resolution": resolution,
+        "train_size": len(ytr),
+        "test_size": len(yte),
+        "test_accuracy": accuracy(m, xte, yte),
+        "seconds": round(time.time() - t0, 1),
+    }
     return m.requires_grad_(False), info
 
 

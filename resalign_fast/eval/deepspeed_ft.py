@@ -15,15 +15,25 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from resalign_fast.config import ConfigError, parse_list, to_toml
-from resalign_fast.eval.downstream import (FinetuneDiverged, FinetuneError, make_batch,
-                                           make_optimizer, make_schedule, prepare_training,
-                                           resolve_model_path, training_step)
+from resalign_fast.cli import parse_list
+from resalign_fast.config import ConfigError, to_toml
+from resalign_fast.eval.downstream import (
+    FinetuneDiverged,
+    FinetuneError,
+    make_batch,
+    make_optimizer,
+    make_schedule,
+    prepare_training,
+    resolve_model_path,
+    training_step,
+)
 from resalign_fast.threads import set_threads
 
 # Keys filled from the finetune flags when a DeepSpeed config leaves them out or "auto".
-DS_FROM_FLAGS = {"train_micro_batch_size_per_gpu": "train_batch_size",
-                 "gradient_clipping": "max_grad_norm"}
+DS_FROM_FLAGS = {
+    "train_micro_batch_size_per_gpu": "train_batch_size",
+    "gradient_clipping": "max_grad_norm",
+}
 
 
 def load_ds_config(path: str | os.PathLike, cfg) -> dict:
@@ -48,20 +58,24 @@ def load_ds_config(path: str | os.PathLike, cfg) -> dict:
         raise ConfigError(f"{p}: expected a JSON object")
     for key in ("optimizer", "scheduler"):
         if key in ds:
-            raise ConfigError(f"{p}: remove the '{key}' section: the finetune flags (--optimizer, "
-                              "--learning_rate, --lr_scheduler, ...) define it, as without "
-                              "DeepSpeed")
+            raise ConfigError(
+                f"{p}: remove the '{key}' section: the finetune flags (--optimizer, "
+                "--learning_rate, --lr_scheduler, ...) define it, as without "
+                "DeepSpeed"
+            )
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2):
-        raise ConfigError(f"{p}: zero_optimization.stage = {stage!r}: use 0, 1 or 2 "
-                          "(ZeRO 3 is not supported)")
+        raise ConfigError(
+            f"{p}: zero_optimization.stage = {stage!r}: use 0, 1 or 2 (ZeRO 3 is not supported)"
+        )
     for key, flag in DS_FROM_FLAGS.items():
         want = getattr(cfg, flag)
         if ds.get(key, "auto") == "auto":
             ds[key] = want
         elif ds[key] != want:
-            raise ConfigError(f"{p}: {key} = {ds[key]!r} disagrees with --{flag} {want!r} "
-                              "(set it to \"auto\")")
+            raise ConfigError(
+                f'{p}: {key} = {ds[key]!r} disagrees with --{flag} {want!r} (set it to "auto")'
+            )
     gas = ds.setdefault("gradient_accumulation_steps", 1)
     if gas not in (1, "auto"):
         raise ConfigError(f"{p}: gradient_accumulation_steps = {gas!r}: only 1 is supported")
@@ -70,7 +84,7 @@ def load_ds_config(path: str | os.PathLike, cfg) -> dict:
         ds.pop("train_batch_size", None)
     ds.setdefault("zero_allow_untested_optimizer", True)  # the client torch optimizer
     ds.setdefault("zero_force_ds_cpu_optimizer", False)  # CPU offload with it, no DeepSpeedCPUAdam
-    ds.setdefault("steps_per_print", 10 ** 9)
+    ds.setdefault("steps_per_print", 10**9)
     return ds
 
 
@@ -84,8 +98,9 @@ def _single_process_env() -> bool:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     return True
 
 
@@ -130,16 +145,21 @@ def run_deepspeed_finetune(cfg, ds_config: str | os.PathLike) -> Path:
     try:
         import deepspeed
     except ImportError as e:
-        raise FinetuneError(f"--deepspeed needs DeepSpeed: `DS_BUILD_OPS=0 pip install deepspeed` "
-                            f"({e})") from None
+        raise FinetuneError(
+            f"--deepspeed needs DeepSpeed: `DS_BUILD_OPS=0 pip install deepspeed` ({e})"
+        ) from None
     ds = load_ds_config(ds_config, cfg)
     if cfg.mixed_precision != "no":
-        raise FinetuneError("--mixed_precision is autocast; with --deepspeed set \"bf16\" or "
-                            "\"fp16\" in the DeepSpeed config")
+        raise FinetuneError(
+            '--mixed_precision is autocast; with --deepspeed set "bf16" or '
+            '"fp16" in the DeepSpeed config'
+        )
     out = Path(cfg.output_dir)
     if cfg.resume:
-        raise FinetuneError("--resume is not supported with --deepspeed (its checkpoints are "
-                            "DeepSpeed's); run without --deepspeed")
+        raise FinetuneError(
+            "--resume is not supported with --deepspeed (its checkpoints are "
+            "DeepSpeed's); run without --deepspeed"
+        )
     check_output_dir(cfg)  # refuses an earlier run's folder
     saves = set(parse_list(cfg.checkpointing_steps, int, "checkpointing_steps"))
     set_threads(cfg.num_threads)
@@ -156,8 +176,12 @@ def run_deepspeed_finetune(cfg, ds_config: str | os.PathLike) -> Path:
         train, prior, params = prepare_training(cfg, model, unet, device)
         opt = make_optimizer(cfg, params)
         engine, _, _, sched = deepspeed.initialize(
-            model=unet, optimizer=opt, model_parameters=params,
-            lr_scheduler=make_schedule(cfg, opt), config=ds)
+            model=unet,
+            optimizer=opt,
+            model_parameters=params,
+            lr_scheduler=make_schedule(cfg, opt),
+            config=ds,
+        )
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.toml").write_text(to_toml(cfg))
@@ -169,8 +193,9 @@ def run_deepspeed_finetune(cfg, ds_config: str | os.PathLike) -> Path:
         try:
             for s in range(cfg.max_train_steps):
                 engine.train()
-                b = make_batch(train, prior, cfg.train_batch_size, model.scheduler, gen,
-                               cfg.random_flip)
+                b = make_batch(
+                    train, prior, cfg.train_batch_size, model.scheduler, gen, cfg.random_flip
+                )
                 try:
                     rec = {"step": s + 1, **training_step(engine, b, update, cfg, dtype)}
                 except FinetuneDiverged as e:  # this path's exit status for it stays 2

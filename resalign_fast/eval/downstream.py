@@ -21,7 +21,6 @@ import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +31,8 @@ from resalign_fast.objectives import dreambooth_loss
 
 
 class FinetuneError(RuntimeError):
-    """A fine-tuning run that cannot start or continue (bad data, NaN loss); the message says why."""
+    """A fine-tuning run that cannot start or continue (bad data, NaN loss); the message says
+    why."""
 
 
 class FinetuneDiverged(FinetuneError):
@@ -41,32 +41,46 @@ class FinetuneDiverged(FinetuneError):
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """Every setting of `python -m resalign_fast.finetune` (flag names follow the diffusers scripts)."""
+    """Every setting of `python -m resalign_fast.finetune` (flag names follow the diffusers
+    scripts)."""
 
     pretrained_model_name_or_path: str = setting(
-        "digits", "'digits' (embedded base), a model or run folder, or a .safetensors file")
+        "digits", "'digits' (embedded base), a model or run folder, or a .safetensors file"
+    )
     train_data: str = setting(
-        "benign", "image folder with metadata.csv, or a digits-world subset: benign, benign-all, "
-        "digit-N, mixed-P")
+        "benign",
+        "image folder with metadata.csv, or a digits-world subset: benign, benign-all, "
+        "digit-N, mixed-P",
+    )
     concept: int = setting(
-        7, "digits world: the erased digit (benign subsets leave it out)", lo=0, hi=9)
+        7, "digits world: the erased digit (benign subsets leave it out)", lo=0, hi=9
+    )
     data_seed: int = setting(0, "digits world: seed of the subset split and captions", lo=0)
     output_dir: str = setting(
-        "outputs/finetune", "output folder: model/ (diffusers), log.jsonl, config.toml")
+        "outputs/finetune", "output folder: model/ (diffusers), log.jsonl, config.toml"
+    )
     algorithm: str = setting(
-        "full", "full-parameter UNet or a LoRA adapter", choices=("full", "lora"))
+        "full", "full-parameter UNet or a LoRA adapter", choices=("full", "lora")
+    )
     rank: int = setting(4, "LoRA rank", lo=1)
     lora_alpha: float = setting(0.0, "LoRA alpha (0: equal to rank)", lo=0)
-    loss: str = setting("standard", "denoising loss, or DreamBooth with prior preservation",
-                        choices=("standard", "dreambooth"))
+    loss: str = setting(
+        "standard",
+        "denoising loss, or DreamBooth with prior preservation",
+        choices=("standard", "dreambooth"),
+    )
     instance_prompt: str = setting(
-        "", "DreamBooth: one prompt for every training image (empty: each image's caption)")
+        "", "DreamBooth: one prompt for every training image (empty: each image's caption)"
+    )
     class_data: str = setting(
-        "", "DreamBooth class images: folder or digits subset (empty: generated from class_prompt)")
+        "", "DreamBooth class images: folder or digits subset (empty: generated from class_prompt)"
+    )
     class_prompt: str = setting(
-        "", "DreamBooth: prompt of the class images (empty: their own captions)")
+        "", "DreamBooth: prompt of the class images (empty: their own captions)"
+    )
     num_class_images: int = setting(
-        100, "DreamBooth: class images to generate when class_data is empty", lo=1)
+        100, "DreamBooth: class images to generate when class_data is empty", lo=1
+    )
     prior_loss_weight: float = setting(1.0, "DreamBooth: weight of the prior (class) loss", lo=0)
     optimizer: str = setting("adamw", "optimizer", choices=("sgd", "adam", "adamw"))
     learning_rate: float = setting(1e-5, "learning rate (diffusers LoRA scripts use 1e-4)", lo=0)
@@ -77,21 +91,29 @@ class FinetuneConfig:
     sgd_momentum: float = setting(0.0, "SGD momentum", lo=0, hi=0.999)
     max_train_steps: int = setting(200, "optimizer steps", lo=0)
     train_batch_size: int = setting(
-        1, "training images per step (DreamBooth adds as many class images)", lo=1)
+        1, "training images per step (DreamBooth adds as many class images)", lo=1
+    )
     max_grad_norm: float = setting(1.0, "gradient clipping norm (0: off)", lo=0)
-    lr_scheduler: str = setting("constant", "learning-rate schedule",
-                                choices=("constant", "constant_with_warmup", "linear", "cosine"))
+    lr_scheduler: str = setting(
+        "constant",
+        "learning-rate schedule",
+        choices=("constant", "constant_with_warmup", "linear", "cosine"),
+    )
     lr_warmup_steps: int = setting(0, "warmup steps of the schedule", lo=0)
     seed: int = setting(0, "seed of batches, timesteps and noise (and of LoRA init)", lo=0)
     gradient_checkpointing: bool = setting(
-        False, "recompute UNet block activations in the backward pass")
-    mixed_precision: str = setting("no", "autocast dtype; fp16 needs CUDA (weights stay fp32)",
-                                   choices=("no", "fp16", "bf16"))
+        False, "recompute UNet block activations in the backward pass"
+    )
+    mixed_precision: str = setting(
+        "no", "autocast dtype; fp16 needs CUDA (weights stay fp32)", choices=("no", "fp16", "bf16")
+    )
     random_flip: bool = setting(False, "flip training images horizontally at random")
     checkpointing_steps: str = setting(
-        "", "comma-separated steps at which to also save checkpoint-<step>/ model folders")
+        "", "comma-separated steps at which to also save checkpoint-<step>/ model folders"
+    )
     checkpoint_every: int = setting(
-        50, "write checkpoints/last.pt every N steps for --resume (0: never)", lo=0)
+        50, "write checkpoints/last.pt every N steps for --resume (0: never)", lo=0
+    )
     resume: bool = setting(False, "continue a killed run in output_dir (same settings)")
     save_model: bool = setting(True, "write model/ at the end (off: log only)")
     device: str = device_setting()
@@ -99,13 +121,17 @@ class FinetuneConfig:
 
 
 def resolve_model_path(path: str) -> str:
-    """A run folder (with model/) resolves to its model/ folder; anything else is returned unchanged."""
+    """A run folder (with model/) resolves to its model/ folder; anything else is returned
+    unchanged."""
     p = Path(path)
-    return str(p / "model") if (p / "model" / "unet").is_dir() and not (p / "unet").is_dir() else path
+    return (
+        str(p / "model") if (p / "model" / "unet").is_dir() and not (p / "unet").is_dir() else path
+    )
 
 
 def load_prompt_images(spec: str, model, concept: int, seed: int):
-    """`spec` is an image folder with metadata.csv or a digits-world subset name -> PromptImageSet."""
+    """`spec` is an image folder with metadata.csv or a digits-world subset name ->
+    PromptImageSet."""
     from resalign_fast.data.digits import benign_subset
     from resalign_fast.data.sets import load_image_folder
 
@@ -113,13 +139,18 @@ def load_prompt_images(spec: str, model, concept: int, seed: int):
         return load_image_folder(spec, model.resolution, model.image_channels)
     if spec in ("benign", "benign-all") or spec.startswith(("digit-", "mixed-")):
         if model.resolution != 16 or model.image_channels != 1:
-            raise FinetuneError(f"digits subset {spec!r} needs a digits model (16x16 greyscale); {model.source} is "
-                                f"{model.resolution}px x {model.image_channels} channels: give an image folder")
+            raise FinetuneError(
+                f"digits subset {spec!r} needs a digits model (16x16 greyscale); {model.source} is "
+                f"{model.resolution}px x {model.image_channels} channels: give an image folder"
+            )
         try:
             return benign_subset(spec, concept, model.resolution, seed)
         except ValueError as e:
             raise FinetuneError(f"train_data/class_data: {e}") from None
-    raise FinetuneError(f"{spec}: neither an image folder nor a digits subset (benign, benign-all, digit-N, mixed-P)")
+    raise FinetuneError(
+        f"{spec}: neither an image folder nor a digits subset (benign, benign-all, digit-N, "
+        f"mixed-P)"
+    )
 
 
 def _with_prompt(data, prompt: str):
@@ -129,19 +160,29 @@ def _with_prompt(data, prompt: str):
 
 
 def class_images(cfg: FinetuneConfig, model, unet: torch.nn.Module, device: torch.device):
-    """DreamBooth class data: the given folder/subset, else images generated from class_prompt (seeded;
-    SD: 30 steps, guidance 7.5; digits: the evaluation's sampling, `evaluators.DIGITS_GUIDANCE`)."""
+    """DreamBooth class data: the given folder/subset, else images generated from class_prompt
+    (seeded; SD: 30 steps, guidance 7.5; digits: the evaluation's sampling,
+    `evaluators.DIGITS_GUIDANCE`)."""
     from resalign_fast.data.sets import PromptImageSet
     from resalign_fast.eval.evaluators import DIGITS_GUIDANCE, DIGITS_STEPS
     from resalign_fast.models.sampling import generate
 
     if cfg.class_data:
-        return _with_prompt(load_prompt_images(cfg.class_data, model, cfg.concept, cfg.data_seed), cfg.class_prompt)
+        return _with_prompt(
+            load_prompt_images(cfg.class_data, model, cfg.concept, cfg.data_seed), cfg.class_prompt
+        )
     if not cfg.class_prompt:
-        raise FinetuneError("DreamBooth needs --class_data or --class_prompt (to generate num_class_images)")
-    imgs = generate(model, [cfg.class_prompt] * cfg.num_class_images, seed=cfg.seed + 7919, unet=unet,
-                    steps=30 if model.vae is not None else DIGITS_STEPS,
-                    guidance=7.5 if model.vae is not None else DIGITS_GUIDANCE)
+        raise FinetuneError(
+            "DreamBooth needs --class_data or --class_prompt (to generate num_class_images)"
+        )
+    imgs = generate(
+        model,
+        [cfg.class_prompt] * cfg.num_class_images,
+        seed=cfg.seed + 7919,
+        unet=unet,
+        steps=30 if model.vae is not None else DIGITS_STEPS,
+        guidance=7.5 if model.vae is not None else DIGITS_GUIDANCE,
+    )
     return PromptImageSet(imgs, [cfg.class_prompt] * len(imgs))
 
 
@@ -157,8 +198,14 @@ class Batch:
     n_instance: int
 
 
-def make_batch(train: EncodedSet, prior: Optional[EncodedSet], batch_size: int, scheduler, gen: torch.Generator,
-               random_flip: bool = False) -> Batch:
+def make_batch(
+    train: EncodedSet,
+    prior: EncodedSet | None,
+    batch_size: int,
+    scheduler,
+    gen: torch.Generator,
+    random_flip: bool = False,
+) -> Batch:
     """One training batch (instance images, then as many class images for DreamBooth)."""
     x0, emb = train.sample(batch_size, gen)
     if prior is not None:
@@ -182,12 +229,22 @@ def make_optimizer(cfg: FinetuneConfig, params: list[torch.Tensor]) -> torch.opt
     """torch.optim SGD / Adam / AdamW with the config's hyperparameters."""
     wd = cfg.weight_decay if cfg.weight_decay >= 0 else (1e-2 if cfg.optimizer == "adamw" else 0.0)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.learning_rate, momentum=cfg.sgd_momentum, weight_decay=wd)
+        return torch.optim.SGD(
+            params, lr=cfg.learning_rate, momentum=cfg.sgd_momentum, weight_decay=wd
+        )
     kind = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return kind(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, weight_decay=wd)
+    return kind(
+        params,
+        lr=cfg.learning_rate,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_epsilon,
+        weight_decay=wd,
+    )
 
 
-def make_schedule(cfg: FinetuneConfig, opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+def make_schedule(
+    cfg: FinetuneConfig, opt: torch.optim.Optimizer
+) -> torch.optim.lr_scheduler.LambdaLR:
     """The diffusers schedules by name (multiplier of the learning rate at each step)."""
     w, n = cfg.lr_warmup_steps, max(1, cfg.max_train_steps)
 
@@ -209,9 +266,19 @@ def prepare_training(cfg: FinetuneConfig, model, unet: torch.nn.Module, dev: tor
     on `unet` (a fresh LoRA adapter, or every weight); shared by plain and DeepSpeed fine-tuning."""
     from resalign_fast.models.lora import add_lora, lora_names
 
-    train = encode_set(model, _with_prompt(load_prompt_images(cfg.train_data, model, cfg.concept, cfg.data_seed),
-                                           cfg.instance_prompt), dev)
-    prior = encode_set(model, class_images(cfg, model, unet, dev), dev) if cfg.loss == "dreambooth" else None
+    train = encode_set(
+        model,
+        _with_prompt(
+            load_prompt_images(cfg.train_data, model, cfg.concept, cfg.data_seed),
+            cfg.instance_prompt,
+        ),
+        dev,
+    )
+    prior = (
+        encode_set(model, class_images(cfg, model, unet, dev), dev)
+        if cfg.loss == "dreambooth"
+        else None
+    )
     torch.manual_seed(cfg.seed)
     if cfg.algorithm == "lora":
         add_lora(unet, cfg.rank, cfg.lora_alpha or float(cfg.rank), "gaussian", "all")
@@ -231,8 +298,14 @@ class TorchUpdate:
     """The backward pass and step of plain torch: clip, optimizer (through the GradScaler for fp16)
     and schedule step; what a DeepSpeed engine does instead is `eval.deepspeed_ft.EngineUpdate`."""
 
-    def __init__(self, opt: torch.optim.Optimizer, sched, params: list[torch.Tensor],
-                 max_grad_norm: float, scaler: Optional[torch.amp.GradScaler] = None):
+    def __init__(
+        self,
+        opt: torch.optim.Optimizer,
+        sched,
+        params: list[torch.Tensor],
+        max_grad_norm: float,
+        scaler: torch.amp.GradScaler | None = None,
+    ):
         self.opt, self.sched, self.params = opt, sched, params
         self.max_grad_norm, self.scaler = max_grad_norm, scaler
 
@@ -258,8 +331,13 @@ class TorchUpdate:
         return self.sched.get_last_lr()[0]
 
 
-def training_step(unet: torch.nn.Module, batch: Batch, update, cfg: FinetuneConfig,
-                  dtype: Optional[torch.dtype] = None) -> dict[str, float]:
+def training_step(
+    unet: torch.nn.Module,
+    batch: Batch,
+    update,
+    cfg: FinetuneConfig,
+    dtype: torch.dtype | None = None,
+) -> dict[str, float]:
     """One optimizer step: forward, loss (with the prior half for DreamBooth), backward, clip, step.
 
     Args:
@@ -298,6 +376,18 @@ def training_step(unet: torch.nn.Module, batch: Batch, update, cfg: FinetuneConf
     return out
 
 
-__all__ = ["FinetuneConfig", "FinetuneError", "FinetuneDiverged", "Batch", "make_batch",
-           "make_optimizer", "make_schedule", "prepare_training", "TorchUpdate", "training_step",
-           "resolve_model_path", "load_prompt_images", "class_images"]
+__all__ = [
+    "FinetuneConfig",
+    "FinetuneError",
+    "FinetuneDiverged",
+    "Batch",
+    "make_batch",
+    "make_optimizer",
+    "make_schedule",
+    "prepare_training",
+    "TorchUpdate",
+    "training_step",
+    "resolve_model_path",
+    "load_prompt_images",
+    "class_images",
+]

@@ -6,17 +6,27 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 
-from resalign_fast.config import ConfigError, parse_list, to_toml
-from resalign_fast.eval.downstream import (FinetuneConfig, FinetuneDiverged, FinetuneError,
-                                           TorchUpdate, load_prompt_images, make_batch,
-                                           make_optimizer, make_schedule, prepare_training,
-                                           resolve_model_path, training_step)
+from resalign_fast.cli import parse_list
+from resalign_fast.config import ConfigError, to_toml
+from resalign_fast.eval.downstream import (
+    FinetuneConfig,
+    FinetuneDiverged,
+    FinetuneError,
+    TorchUpdate,
+    load_prompt_images,
+    make_batch,
+    make_optimizer,
+    make_schedule,
+    prepare_training,
+    resolve_model_path,
+    training_step,
+)
 from resalign_fast.threads import set_threads
 
 log = logging.getLogger("resalign_fast.finetune")
@@ -35,12 +45,19 @@ class FinetuneResult:
     unet: torch.nn.Module
     log: list[dict]
     seconds: float
-    out_dir: Optional[Path] = None
+    out_dir: Path | None = None
 
 
-def finetune(cfg: FinetuneConfig, model, *, unet: Optional[torch.nn.Module] = None,
-             callback: Optional[Callback] = None, callback_steps: tuple[int, ...] = (),
-             out_dir: Optional[Path] = None, state: Optional[dict] = None) -> FinetuneResult:
+def finetune(
+    cfg: FinetuneConfig,
+    model,
+    *,
+    unet: torch.nn.Module | None = None,
+    callback: Callback | None = None,
+    callback_steps: tuple[int, ...] = (),
+    out_dir: Path | None = None,
+    state: dict | None = None,
+) -> FinetuneResult:
     """Fine-tune `unet` (default: model.unet, changed in place) on cfg.train_data.
 
     Args:
@@ -88,8 +105,9 @@ def finetune(cfg: FinetuneConfig, model, *, unet: Optional[torch.nn.Module] = No
             if s == cfg.max_train_steps:
                 break
             unet.train()
-            batch = make_batch(train, prior, cfg.train_batch_size, model.scheduler, gen,
-                               cfg.random_flip)
+            batch = make_batch(
+                train, prior, cfg.train_batch_size, model.scheduler, gen, cfg.random_flip
+            )
             rec = {"step": s + 1, **training_step(unet, batch, update, cfg)}
             records.append(rec)
             if logf is not None:
@@ -105,8 +123,16 @@ def finetune(cfg: FinetuneConfig, model, *, unet: Optional[torch.nn.Module] = No
     return FinetuneResult(unet, records, time.time() - t0, out_dir)
 
 
-def save_state(out_dir: Path, step: int, params: list[torch.Tensor], opt, sched,
-               gen: torch.Generator, scaler, unet: torch.nn.Module) -> None:
+def save_state(
+    out_dir: Path,
+    step: int,
+    params: list[torch.Tensor],
+    opt,
+    sched,
+    gen: torch.Generator,
+    scaler,
+    unet: torch.nn.Module,
+) -> None:
     """checkpoints/last.pt: the trainable weights, optimizer, schedule, batch RNG (and loss scaler)
     after `step` steps, written to a temporary file and renamed. Non-finite weights are not
     saved."""
@@ -116,17 +142,25 @@ def save_state(out_dir: Path, step: int, params: list[torch.Tensor], opt, sched,
     try:
         check_weights(unet)
     except UnhealthyModel as e:
-        raise FinetuneDiverged(f"step {step}: {e}; not checkpointed (try a smaller "
-                               "--learning_rate)") from None
+        raise FinetuneDiverged(
+            f"step {step}: {e}; not checkpointed (try a smaller --learning_rate)"
+        ) from None
     from resalign_fast.runs import save_atomic
 
-    save_atomic({"step": step, "params": [p.detach().cpu() for p in params],
-                 "opt": opt.state_dict(), "sched": sched.state_dict(), "gen": gen.get_state(),
-                 "scaler": scaler.state_dict() if scaler is not None else None},
-                out_dir / "checkpoints" / STATE)
+    save_atomic(
+        {
+            "step": step,
+            "params": [p.detach().cpu() for p in params],
+            "opt": opt.state_dict(),
+            "sched": sched.state_dict(),
+            "gen": gen.get_state(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+        },
+        out_dir / "checkpoints" / STATE,
+    )
 
 
-def read_state(out_dir: Path) -> Optional[dict]:
+def read_state(out_dir: Path) -> dict | None:
     """checkpoints/last.pt of a finetune run (weights-only load), or None when there is none.
 
     Raises:
@@ -140,8 +174,10 @@ def read_state(out_dir: Path) -> Optional[dict]:
         if not (isinstance(st, dict) and {"step", "params", "opt", "sched", "gen"} <= set(st)):
             raise ValueError("missing step/params/opt/sched/gen")
     except Exception as e:  # unreadable or not weights-only: say which file
-        raise FinetuneError(f"{path}: cannot read the checkpoint ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        raise FinetuneError(
+            f"{path}: cannot read the checkpoint ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
     return st
 
 
@@ -170,10 +206,11 @@ def save_finetuned(model, unet: torch.nn.Module, cfg: FinetuneConfig, out: Path)
     Raises:
         FinetuneDiverged: the model is non-finite or exploding; nothing is written.
     """
+    from resalign_fast.export import plain_unet
     from resalign_fast.models.health import UnhealthyModel, check_unet
     from resalign_fast.models.lora import ParamSpace, lora_names
     from resalign_fast.models.pipeline import save_model
-    from resalign_fast.runs import atomic_dir, plain_unet
+    from resalign_fast.runs import atomic_dir
 
     plain, space = unet, None
     if cfg.algorithm == "lora":
@@ -185,30 +222,46 @@ def save_finetuned(model, unet: torch.nn.Module, cfg: FinetuneConfig, out: Path)
     try:
         check_unet(plain, model)
     except UnhealthyModel as e:
-        raise FinetuneDiverged(f"the fine-tuned model is broken: {e}; {out} not written "
-                               "(try a smaller --learning_rate)") from None
+        raise FinetuneDiverged(
+            f"the fine-tuned model is broken: {e}; {out} not written "
+            "(try a smaller --learning_rate)"
+        ) from None
     with atomic_dir(out) as tmp:
         if space is not None:
             from safetensors.torch import save_file
 
             (tmp / "lora").mkdir(parents=True, exist_ok=True)
-            weights = {n: p.detach().contiguous().cpu()
-                       for n, p in zip(space.names, space.values())}
+            weights = {
+                n: p.detach().contiguous().cpu() for n, p in zip(space.names, space.values())
+            }
             save_file(weights, str(tmp / "lora" / "adapter_model.safetensors"))
-            (tmp / "lora" / "adapter_config.json").write_text(json.dumps(
-                {"r": cfg.rank, "lora_alpha": cfg.lora_alpha or cfg.rank,
-                 "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}))
-        save_model(model, tmp, unet=plain,
-                   extra={"resalign_fast_finetune": Path(cfg.output_dir).name})
+            (tmp / "lora" / "adapter_config.json").write_text(
+                json.dumps(
+                    {
+                        "r": cfg.rank,
+                        "lora_alpha": cfg.lora_alpha or cfg.rank,
+                        "target_modules": ["to_q", "to_k", "to_v", "to_out.0"],
+                    }
+                )
+            )
+        save_model(
+            model, tmp, unet=plain, extra={"resalign_fast_finetune": Path(cfg.output_dir).name}
+        )
     return out
 
 
 # settings a resumed finetune run may change (they do not shape the weights)
-RESUME_MAY_CHANGE = {"resume", "device", "num_threads", "checkpoint_every", "save_model",
-                     "output_dir"}
+RESUME_MAY_CHANGE = {
+    "resume",
+    "device",
+    "num_threads",
+    "checkpoint_every",
+    "save_model",
+    "output_dir",
+}
 
 
-def check_output_dir(cfg: FinetuneConfig) -> Optional[dict]:
+def check_output_dir(cfg: FinetuneConfig) -> dict | None:
     """Refuse to write over an earlier run; with --resume, check its settings and read its state.
 
     Returns:
@@ -224,12 +277,16 @@ def check_output_dir(cfg: FinetuneConfig) -> Optional[dict]:
     if out.exists() and not out.is_dir():
         raise FinetuneError(f"--output_dir {out}: exists and is not a folder")
     if (out / "model").exists():
-        raise FinetuneError(f"{out}/model exists: that run is finished; choose another "
-                            "--output_dir (nothing is overwritten)")
+        raise FinetuneError(
+            f"{out}/model exists: that run is finished; choose another "
+            "--output_dir (nothing is overwritten)"
+        )
     contents = folder_contents(out)
     if contents and not cfg.resume:
-        raise FinetuneError(f"{out} exists and is not empty ({', '.join(contents[:4])}): pass "
-                            "--resume to continue that run, or choose another --output_dir")
+        raise FinetuneError(
+            f"{out} exists and is not empty ({', '.join(contents[:4])}): pass "
+            "--resume to continue that run, or choose another --output_dir"
+        )
     if not cfg.resume or not contents:
         return None
     st = read_state(out)
@@ -241,8 +298,10 @@ def check_output_dir(cfg: FinetuneConfig) -> Optional[dict]:
     except ConfigError as e:
         raise FinetuneError(f"--resume: {e}") from None
     if changed:
-        raise FinetuneError(f"--resume: {out / 'config.toml'} was written with other settings "
-                            f"({', '.join(changed)})")
+        raise FinetuneError(
+            f"--resume: {out / 'config.toml'} was written with other settings "
+            f"({', '.join(changed)})"
+        )
     return st
 
 
@@ -263,8 +322,9 @@ def run(cfg: FinetuneConfig) -> Path:
     lock = lock_folder(out)  # a second run into output_dir fails at once
     try:
         if folder_contents(out) and not cfg.resume:
-            raise FinetuneError(f"{out} was filled by another run meanwhile; choose another "
-                                "--output_dir")
+            raise FinetuneError(
+                f"{out} was filled by another run meanwhile; choose another --output_dir"
+            )
         if state is None or not (out / "config.toml").is_file():  # a resumed run keeps its record
             write_atomic(out / "config.toml", to_toml(cfg))
         res = finetune(cfg, model, out_dir=out, state=state)
@@ -277,5 +337,12 @@ def run(cfg: FinetuneConfig) -> Path:
     return out
 
 
-__all__ = ["FinetuneResult", "finetune", "save_state", "read_state", "save_finetuned",
-           "check_output_dir", "run"]
+__all__ = [
+    "FinetuneResult",
+    "finetune",
+    "save_state",
+    "read_state",
+    "save_finetuned",
+    "check_output_dir",
+    "run",
+]

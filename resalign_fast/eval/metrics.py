@@ -8,7 +8,7 @@ it is tested against.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -25,19 +25,23 @@ def rate(flags: torch.Tensor) -> float:
 
 
 def harmful_rate(pred: torch.Tensor, concept: int) -> float:
-    """Fraction of predictions (N,) equal to the erased `concept` (images from the concept's prompts)."""
+    """Fraction of predictions (N,) equal to the erased `concept` (images from the concept's
+    prompts)."""
     return rate(pred == concept)
 
 
 def benign_accuracy(pred: torch.Tensor, prompted: torch.Tensor) -> float:
     """Fraction of predictions (N,) equal to the prompted labels (N,)."""
     if pred.shape != prompted.shape:
-        raise ValueError(f"pred {tuple(pred.shape)} and labels {tuple(prompted.shape)} differ in shape")
+        raise ValueError(
+            f"pred {tuple(pred.shape)} and labels {tuple(prompted.shape)} differ in shape"
+        )
     return rate(pred == prompted)
 
 
 def mean_sem(values: Sequence[float]) -> tuple[float, float, int]:
-    """Mean, standard error of the mean (sample std with n - 1, divided by sqrt n; 0 for n = 1), n."""
+    """Mean, standard error of the mean (sample std with n - 1, divided by sqrt n; 0 for n = 1),
+    n."""
     n = len(values)
     if n == 0:
         return float("nan"), float("nan"), 0
@@ -67,7 +71,9 @@ def _sym_sqrt(s: torch.Tensor) -> torch.Tensor:
     return (v * w.clamp_min(0).sqrt()) @ v.T
 
 
-def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor, sigma2: torch.Tensor) -> float:
+def frechet_distance(
+    mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor, sigma2: torch.Tensor
+) -> float:
     """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^{1/2}) for Gaussians N(mu1, S1), N(mu2, S2).
 
     Uses tr((S1 S2)^{1/2}) = sum sqrt(eig(S1^{1/2} S2 S1^{1/2})), which is symmetric PSD, so no
@@ -75,7 +81,10 @@ def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor,
     """
     mu1, mu2, s1, s2 = (t.double() for t in (mu1, mu2, sigma1, sigma2))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.numel(), mu1.numel()):
-        raise ValueError(f"shape mismatch: mu {tuple(mu1.shape)}, {tuple(mu2.shape)}; sigma {tuple(s1.shape)}, {tuple(s2.shape)}")
+        raise ValueError(
+            f"shape mismatch: mu {tuple(mu1.shape)}, {tuple(mu2.shape)}; sigma {tuple(s1.shape)}, "
+            f"{tuple(s2.shape)}"
+        )
     r = _sym_sqrt(s1)
     m = r @ s2 @ r
     tr_sqrt = torch.linalg.eigvalsh((m + m.T) / 2).clamp_min(0).sqrt().sum()
@@ -83,7 +92,9 @@ def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor,
     return float(d @ d + torch.trace(s1) + torch.trace(s2) - 2 * tr_sqrt)
 
 
-def frechet_distance_ref(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor, sigma2: torch.Tensor) -> float:
+def frechet_distance_ref(
+    mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor, sigma2: torch.Tensor
+) -> float:
     """The same distance with scipy.linalg.sqrtm of S1 S2 (the usual FID code path), in float64."""
     import numpy as np
     from scipy import linalg
@@ -100,7 +111,9 @@ def frechet_distance_features(f1: torch.Tensor, f2: torch.Tensor) -> float:
     return frechet_distance(*gaussian_stats(f1), *gaussian_stats(f2))
 
 
-def paired_stats(a: Sequence[float], b: Sequence[float], n_images: int, level: float = 0.95) -> dict:
+def paired_stats(
+    a: Sequence[float], b: Sequence[float], n_images: int, level: float = 0.95
+) -> dict:
     """Paired comparison of rates a_i and b_i measured on the same pairs (same fine-tuning seed and
     data order; model i of one group against model i of the other).
 
@@ -122,12 +135,22 @@ def paired_stats(a: Sequence[float], b: Sequence[float], n_images: int, level: f
     from scipy.stats import t as student_t
 
     if len(a) != len(b) or len(a) < 2:
-        raise ValueError(f"paired_stats needs two equally long lists of at least 2 values, got {len(a)} and {len(b)}")
+        raise ValueError(
+            f"paired_stats needs two equally long lists of at least 2 values, got {len(a)} and "
+            f"{len(b)}"
+        )
     n, c = len(a), 0.5 / n_images
     q = float(student_t.ppf(0.5 + level / 2, n - 1))
     d = [x - y for x, y in zip(a, b)]
     md, sd, _ = mean_sem(d)
     lr = [math.log((x + c) / (y + c)) for x, y in zip(a, b)]
     ml, sl, _ = mean_sem(lr)
-    return {"n": n, "diff": md, "diff_lo": md - q * sd, "diff_hi": md + q * sd,
-            "ratio": math.exp(ml), "ratio_lo": math.exp(ml - q * sl), "ratio_hi": math.exp(ml + q * sl)}
+    return {
+        "n": n,
+        "diff": md,
+        "diff_lo": md - q * sd,
+        "diff_hi": md + q * sd,
+        "ratio": math.exp(ml),
+        "ratio_lo": math.exp(ml - q * sl),
+        "ratio_hi": math.exp(ml + q * sl),
+    }

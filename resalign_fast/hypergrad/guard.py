@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
 
 from torch import Tensor
 
@@ -78,7 +78,7 @@ def _attempt(
     gamma: float,
     iters: int,
     info: GuardInfo,
-) -> tuple[Optional[list[Tensor]], str]:
+) -> tuple[list[Tensor] | None, str]:
     """One solve; returns (v, "") or (None or v, reason for rejection)."""
     bn = norm(b)
     if solver == "cg":
@@ -118,10 +118,10 @@ def guarded_hypergrad(
     alpha: float = 1.0,
     gamma: float = 1.0,
     iters: int = 5,
-    max_grad_norm: Optional[float] = 0.2,
+    max_grad_norm: float | None = 0.2,
     max_retries: int = 5,
     solver: str = "richardson",
-    pullback: Optional[Callable[[list[Tensor]], list[Tensor]]] = None,
+    pullback: Callable[[list[Tensor]], list[Tensor]] | None = None,
 ) -> tuple[list[Tensor], GuardInfo]:
     """g = direct + v_K with v_K ~ (I + gamma H)^-1 b, guarded as in the reference code.
 
@@ -153,8 +153,12 @@ def guarded_hypergrad(
         raise ValueError(f"max_retries must be >= 0, got {max_retries}")
     direct = [d.detach() for d in direct]
     b = [x.detach() for x in b]
-    if pullback is None and (len(direct) != len(b) or any(d.shape != x.shape for d, x in zip(direct, b))):
-        raise ValueError("direct and b must be lists of tensors with the same shapes (or give pullback)")
+    if pullback is None and (
+        len(direct) != len(b) or any(d.shape != x.shape for d, x in zip(direct, b))
+    ):
+        raise ValueError(
+            "direct and b must be lists of tensors with the same shapes (or give pullback)"
+        )
     info = GuardInfo(direct_norm=norm(direct), alpha_used=alpha)
     if not math.isfinite(info.direct_norm):
         raise ValueError("guarded_hypergrad: the direct gradient is not finite")
@@ -179,7 +183,11 @@ def guarded_hypergrad(
             info.retries += 1
             logger.warning(
                 "hypergrad retry %d/%d: %s; alpha %.4g -> %.4g",
-                info.retries, max_retries, reason, a, a / 2,
+                info.retries,
+                max_retries,
+                reason,
+                a,
+                a / 2,
             )
             a /= 2
     info.fallback = True
@@ -187,6 +195,9 @@ def guarded_hypergrad(
     logger.warning(
         "hypergrad fallback to the direct gradient after %d retries "
         "(%s solver, last alpha %.4g): %s",
-        info.retries, solver, a, info.reasons[-1],
+        info.retries,
+        solver,
+        a,
+        info.reasons[-1],
     )
     return [d.clone() for d in direct], info

@@ -42,7 +42,7 @@ both gradients for the copying ``fd``. x comes back to within rounding (about 1 
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -88,7 +88,7 @@ def term_grads(loss_fns: Sequence[LossFn], x: Sequence[Tensor], split: bool = Tr
         split: one term at a time, accumulating tensor by tensor, so that only one term's forward
             graph is alive (DreamBooth); else the sum at once.
     """
-    total: list[Optional[Tensor]] = [None] * len(x)
+    total: list[Tensor | None] = [None] * len(x)
     with torch.enable_grad():
         leaves = [p.detach().requires_grad_(True) for p in x]
         groups = [[fn] for fn in loss_fns] if split else [list(loss_fns)]
@@ -100,7 +100,7 @@ def term_grads(loss_fns: Sequence[LossFn], x: Sequence[Tensor], split: bool = Tr
     return [torch.zeros_like(p) if t is None else t for p, t in zip(leaves, total)]
 
 
-def _add_into(total: list[Optional[Tensor]], terms: Sequence[Optional[Tensor]]) -> list[Optional[Tensor]]:
+def _add_into(total: list[Tensor | None], terms: Sequence[Tensor | None]) -> list[Tensor | None]:
     """total[i] += terms[i] tensor by tensor (out of place: autograd may return expanded
     tensors), so at most one extra parameter-sized tensor is alive; None entries are zero."""
     for i, g in enumerate(terms):
@@ -134,8 +134,13 @@ def _make_exact(loss_fns: list[LossFn], params: list[Tensor]) -> HVP:
     def product(gs, live, v: list[Tensor], keep: bool) -> list[Tensor]:
         if not live:
             return [torch.zeros_like(p) for p in leaves]
-        hv = torch.autograd.grad([gs[i] for i in live], leaves, [v[i] for i in live],
-                                 retain_graph=keep, allow_unused=True)
+        hv = torch.autograd.grad(
+            [gs[i] for i in live],
+            leaves,
+            [v[i] for i in live],
+            retain_graph=keep,
+            allow_unused=True,
+        )
         return [torch.zeros_like(p) if h is None else h.detach() for p, h in zip(leaves, hv)]
 
     if len(loss_fns) == 1:
@@ -164,7 +169,8 @@ def _make_jvp(loss_fns: list[LossFn], params: list[Tensor]) -> HVP:
                 if "ZeroTensors are immutable" not in str(err):
                     raise
                 raise RuntimeError(
-                    "hvp backend 'jvp': forward-over-reverse failed inside torch (a known bug, e.g. "
+                    "hvp backend 'jvp': forward-over-reverse failed inside torch (a known bug, "
+                    "e.g. "
                     "F.mse_loss(..., reduction='mean'), pytorch/pytorch#123996); write the loss as "
                     "(a - b).square().mean() or use backend 'exact' or 'fd'"
                 ) from err
@@ -174,7 +180,7 @@ def _make_jvp(loss_fns: list[LossFn], params: list[Tensor]) -> HVP:
     return hvp
 
 
-def _make_fd(loss_fns: list[LossFn], params: list[Tensor], eps: Optional[float]) -> HVP:
+def _make_fd(loss_fns: list[LossFn], params: list[Tensor], eps: float | None) -> HVP:
     x = [p.detach().contiguous() for p in params]
     # Both evaluation points are written into buffers allocated once (fd_perturb's out=): they
     # are the gradient passes' inputs, dead once the call returns. The result is a fresh tensor,
@@ -199,7 +205,7 @@ def _make_fd(loss_fns: list[LossFn], params: list[Tensor], eps: Optional[float])
     return hvp
 
 
-def _make_fd_inplace(loss_fns: list[LossFn], params: list[Tensor], eps: Optional[float]) -> HVP:
+def _make_fd_inplace(loss_fns: list[LossFn], params: list[Tensor], eps: float | None) -> HVP:
     for i, p in enumerate(params):
         if not (p.is_leaf and p.requires_grad):
             raise ValueError(f"hvp inplace: params[{i}] must be a leaf tensor that requires grad")
@@ -209,7 +215,7 @@ def _make_fd_inplace(loss_fns: list[LossFn], params: list[Tensor], eps: Optional
         if norm(v) == 0.0:
             return [torch.zeros_like(p) for p in params]
         e = fd_eps(params, v) if eps is None else float(eps)
-        d: list[Optional[Tensor]] = [None] * len(params)
+        d: list[Tensor | None] = [None] * len(params)
 
         def add(i: int, g: Tensor) -> None:
             d[i] = g if d[i] is None else d[i].add_(g)
@@ -232,7 +238,9 @@ def _make_fd_inplace(loss_fns: list[LossFn], params: list[Tensor], eps: Optional
                 for p, vi in zip(params, v):
                     p.add_(vi, alpha=-shift)
         with torch.no_grad():
-            return [torch.zeros_like(p) if di is None else di.div_(2.0 * e) for p, di in zip(params, d)]
+            return [
+                torch.zeros_like(p) if di is None else di.div_(2.0 * e) for p, di in zip(params, d)
+            ]
 
     return hvp
 
@@ -242,7 +250,7 @@ def make_hvp(
     params: Sequence[Tensor],
     *,
     backend: str = "exact",
-    eps: Optional[float] = None,
+    eps: float | None = None,
     inplace: bool = False,
 ) -> HVP:
     """Build v -> H v for the Hessian H of ``loss_fn`` at ``params``.

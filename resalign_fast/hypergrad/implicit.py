@@ -13,7 +13,7 @@ needed, never the fine-tuning trajectory.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor

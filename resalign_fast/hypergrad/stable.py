@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -55,8 +55,9 @@ SAFETY = 1.5
 GROWTH = 1.05
 
 
-def power_iteration(hvp: Callable[[list[Tensor]], list[Tensor]], start: Sequence[Tensor], iters: int
-                    ) -> tuple[float, list[Tensor], int]:
+def power_iteration(
+    hvp: Callable[[list[Tensor]], list[Tensor]], start: Sequence[Tensor], iters: int
+) -> tuple[float, list[Tensor], int]:
     """Dominant eigenvalue of H (largest |h|, signed) by power iteration.
 
     Args:
@@ -96,12 +97,12 @@ def stable_hypergrad(
     gamma: float = 1.0,
     iters: int = 5,
     power_iters: int = 3,
-    warm: Optional[Sequence[Tensor]] = None,
-    pullback: Optional[Callable[[list[Tensor]], list[Tensor]]] = None,
-    device: Optional[torch.device] = None,
+    warm: Sequence[Tensor] | None = None,
+    pullback: Callable[[list[Tensor]], list[Tensor]] | None = None,
+    device: torch.device | None = None,
 ) -> tuple[list[Tensor], GuardInfo, list[Tensor]]:
-    """g = direct + pullback(v), v ~ (I + gamma H)^-1 b by Richardson from v_0 = b at a step from the
-    measured curvature; on failure v = b (first order). See the module docstring.
+    """g = direct + pullback(v), v ~ (I + gamma H)^-1 b by Richardson from v_0 = b at a step from
+    the measured curvature; on failure v = b (first order). See the module docstring.
 
     Args:
         direct: first-order terms (1 - lambda) grad L_h(theta) + w_r grad R(theta); list of tensors.
@@ -118,7 +119,8 @@ def stable_hypergrad(
 
     Returns:
         (g, info, u): g detached, shaped like direct; info.fallback True when the first-order term
-        was used; info.alpha_used the step; u the eigenvector estimate (to warm-start the next call).
+        was used; info.alpha_used the step; u the eigenvector estimate (to warm-start the next
+        call).
     """
     direct = [d.detach() for d in direct]
     b = [x.detach() for x in b]
@@ -126,8 +128,16 @@ def stable_hypergrad(
     if not math.isfinite(info.direct_norm):
         raise ValueError("stable_hypergrad: the direct gradient is not finite")
 
-    v, u = stable_solve(hvp, b, gamma=gamma, iters=iters, power_iters=power_iters, warm=warm, device=device,
-                        info=info)
+    v, u = stable_solve(
+        hvp,
+        b,
+        gamma=gamma,
+        iters=iters,
+        power_iters=power_iters,
+        warm=warm,
+        device=device,
+        info=info,
+    )
     if info.fallback:
         logger.debug("stable guard: first-order resilience term (%s)", info.reasons[-1])
     pv = v if pullback is None else [x.detach() for x in pullback(v)]
@@ -143,9 +153,9 @@ def stable_solve(
     gamma: float,
     iters: int,
     power_iters: int = 3,
-    warm: Optional[Sequence[Tensor]] = None,
-    device: Optional[torch.device] = None,
-    info: Optional[GuardInfo] = None,
+    warm: Sequence[Tensor] | None = None,
+    device: torch.device | None = None,
+    info: GuardInfo | None = None,
 ) -> tuple[list[Tensor], list[Tensor]]:
     """The stable guard's solve, v ~ (I + gamma H)^-1 b (arguments as `stable_hypergrad`): the step
     from power iteration, Richardson from v_0 = b, v = b on failure (info.fallback, info.reasons).
@@ -164,14 +174,20 @@ def stable_solve(
     if gamma > 0 and iters > 0:
         is_warm = warm is not None and len(warm) == len(b) and norm(warm) > 0
         # a warm start is already close to the eigenvector: one HVP refreshes the estimate
-        mu, u, info.hvps = power_iteration(hvp, on_device(warm if is_warm else b), 1 if is_warm else power_iters)
+        mu, u, info.hvps = power_iteration(
+            hvp, on_device(warm if is_warm else b), 1 if is_warm else power_iters
+        )
         if device is not None:  # the caller keeps u between outer steps: it waits in host memory
             u = host_backup(u)
-        lo = 1 + gamma * SAFETY * min(mu, 0.0)  # the smallest eigenvalue of I + gamma H we allow for
+        lo = 1 + gamma * SAFETY * min(
+            mu, 0.0
+        )  # the smallest eigenvalue of I + gamma H we allow for
         if not math.isfinite(mu):
             info.reasons.append("power iteration: non-finite value")
         elif lo <= 0:
-            info.reasons.append(f"I + gamma H not positive definite (gamma * mu = {gamma * mu:.3g})")
+            info.reasons.append(
+                f"I + gamma H not positive definite (gamma * mu = {gamma * mu:.3g})"
+            )
         else:
             a = 1.0 / (1 + gamma * SAFETY * abs(mu))
             info.alpha_used = a
@@ -192,8 +208,15 @@ def _own(h: Tensor, *others: Tensor) -> Tensor:
     return h.clone() if any(o.untyped_storage()._cdata == key for o in others) else h
 
 
-def _richardson_from_b(hvp, b: list[Tensor], alpha: float, gamma: float, iters: int, info: GuardInfo,
-                       device: Optional[torch.device] = None) -> tuple[Optional[list[Tensor]], str]:
+def _richardson_from_b(
+    hvp,
+    b: list[Tensor],
+    alpha: float,
+    gamma: float,
+    iters: int,
+    info: GuardInfo,
+    device: torch.device | None = None,
+) -> tuple[list[Tensor] | None, str]:
     """K Richardson updates from v_0 = b (a copy on `device`, None: b's); returns (v_K, "") or
     (None, why it failed). In place: the residual overwrites the HVP's output and v is updated in
     place, so the full-size vectors alive are v, H v and b (which may wait in host memory)."""
@@ -204,8 +227,13 @@ def _richardson_from_b(hvp, b: list[Tensor], alpha: float, gamma: float, iters: 
         hv = hvp(v)
         info.hvps += 1
         with torch.no_grad():  # r = b - v - gamma H v, in H v's storage (never in v's or b's)
-            r = [_own(h.detach().to(vi.dtype), vi, bi).mul_(-gamma).add_(bi.to(vi.device, non_blocking=True)).sub_(vi)
-                 for bi, vi, h in zip(b, v, hv)]
+            r = [
+                _own(h.detach().to(vi.dtype), vi, bi)
+                .mul_(-gamma)
+                .add_(bi.to(vi.device, non_blocking=True))
+                .sub_(vi)
+                for bi, vi, h in zip(b, v, hv)
+            ]
         del hv
         rn = norm(r)
         info.rel_residual = rn / bn if bn > 0 else 0.0

@@ -41,10 +41,14 @@ OuterLoss = Callable[[list[Tensor], list[Tensor]], Tensor]
 
 def _scalar(value: Tensor, what: str) -> Tensor:
     if not isinstance(value, Tensor) or value.numel() != 1:
-        raise ValueError(f"{what} must return a scalar tensor, got "
-                         f"{type(value).__name__}{'' if not isinstance(value, Tensor) else tuple(value.shape)}")
+        raise ValueError(
+            f"{what} must return a scalar tensor, got "
+            f"{type(value).__name__}{'' if not isinstance(value, Tensor) else tuple(value.shape)}"
+        )
     if not value.requires_grad:
-        raise ValueError(f"{what} does not depend on its parameters (its result does not require grad)")
+        raise ValueError(
+            f"{what} does not depend on its parameters (its result does not require grad)"
+        )
     return value.reshape(())
 
 
@@ -59,8 +63,15 @@ def _ft_grad(ft_loss: FtLoss, phi: list[Tensor], t: int, create_graph: bool) -> 
     return _zeros_for_none(grads, phi)
 
 
-def _simulate_(spec: OptimSpec, phi: list[Tensor], state: OptState, ft_loss: FtLoss, t0: int, t1: int,
-               snapshots: list[tuple[list[Tensor], OptState]] | None = None) -> None:
+def _simulate_(
+    spec: OptimSpec,
+    phi: list[Tensor],
+    state: OptState,
+    ft_loss: FtLoss,
+    t0: int,
+    t1: int,
+    snapshots: list[tuple[list[Tensor], OptState]] | None = None,
+) -> None:
     """Steps t0 .. t1-1 in place without a graph; appends (phi_t, s_t) snapshots if asked."""
     for t in range(t0, t1):
         if snapshots is not None:
@@ -69,8 +80,14 @@ def _simulate_(spec: OptimSpec, phi: list[Tensor], state: OptState, ft_loss: FtL
         step_(spec, phi, _ft_grad(ft_loss, leaves, t, create_graph=False), state)
 
 
-def _full(theta: list[Tensor], outer_loss: OuterLoss, ft_loss: FtLoss, spec: OptimSpec,
-          steps: int, start: int) -> list[Tensor]:
+def _full(
+    theta: list[Tensor],
+    outer_loss: OuterLoss,
+    ft_loss: FtLoss,
+    spec: OptimSpec,
+    steps: int,
+    start: int,
+) -> list[Tensor]:
     theta_ = [x.detach().clone().requires_grad_() for x in theta]
     phi = [x.detach().clone() for x in theta]
     state = init_state(spec, phi)
@@ -86,8 +103,14 @@ def _full(theta: list[Tensor], outer_loss: OuterLoss, ft_loss: FtLoss, spec: Opt
     return _zeros_for_none(torch.autograd.grad(loss, theta_, allow_unused=True), theta_)
 
 
-def _checkpointed(theta: list[Tensor], outer_loss: OuterLoss, ft_loss: FtLoss, spec: OptimSpec,
-                  steps: int, start: int) -> list[Tensor]:
+def _checkpointed(
+    theta: list[Tensor],
+    outer_loss: OuterLoss,
+    ft_loss: FtLoss,
+    spec: OptimSpec,
+    steps: int,
+    start: int,
+) -> list[Tensor]:
     phi = [x.detach().clone() for x in theta]
     state = init_state(spec, phi)
     _simulate_(spec, phi, state, ft_loss, 0, start)
@@ -99,7 +122,9 @@ def _checkpointed(theta: list[Tensor], outer_loss: OuterLoss, ft_loss: FtLoss, s
     theta_ = [x.detach().clone().requires_grad_() for x in theta]
     phi_T = [p.detach().requires_grad_() for p in phi]
     loss = _scalar(outer_loss(theta_, phi_T), "outer_loss(theta, phi_T)")
-    grads = _zeros_for_none(torch.autograd.grad(loss, theta_ + phi_T, allow_unused=True), theta_ + phi_T)
+    grads = _zeros_for_none(
+        torch.autograd.grad(loss, theta_ + phi_T, allow_unused=True), theta_ + phi_T
+    )
     direct, a_phi = grads[:n], grads[n:]
     del loss, phi_T, phi
     # Adjoint of s_{t+1}; s_T does not enter outer_loss. None stands for a zero adjoint.
@@ -109,15 +134,19 @@ def _checkpointed(theta: list[Tensor], outer_loss: OuterLoss, ft_loss: FtLoss, s
         phi_t, s_t = snapshots.pop()
         phi_t = [p.requires_grad_() for p in phi_t]
         s_in = [s.requires_grad_() for s in s_t.tensors()]
-        new_phi, new_s = step(spec, phi_t, _ft_grad(ft_loss, phi_t, t, create_graph=True),
-                              s_t.with_tensors(s_in))
+        new_phi, new_s = step(
+            spec, phi_t, _ft_grad(ft_loss, phi_t, t, create_graph=True), s_t.with_tensors(s_in)
+        )
         outs, adjs = [], []
         for out, adj in zip(new_phi + new_s.tensors(), a_phi + a_state):
             if adj is not None and out.requires_grad:
                 outs.append(out)
                 adjs.append(adj)
-        pulled = torch.autograd.grad(outs, phi_t + s_in, adjs, allow_unused=True) if outs else \
-            (None,) * (n + len(s_in))
+        pulled = (
+            torch.autograd.grad(outs, phi_t + s_in, adjs, allow_unused=True)
+            if outs
+            else (None,) * (n + len(s_in))
+        )
         a_phi = _zeros_for_none(pulled[:n], phi_t)
         a_state = list(pulled[n:])
         del new_phi, new_s, outs, adjs, pulled
@@ -126,15 +155,24 @@ def _checkpointed(theta: list[Tensor], outer_loss: OuterLoss, ft_loss: FtLoss, s
     return [d + a for d, a in zip(direct, a_phi)]
 
 
-def unrolled_hypergrad(theta: list[Tensor], outer_loss: OuterLoss, ft_loss: FtLoss, spec: OptimSpec,
-                       steps: int, *, truncate: int | None = None, checkpoint: bool = True) -> list[Tensor]:
+def unrolled_hypergrad(
+    theta: list[Tensor],
+    outer_loss: OuterLoss,
+    ft_loss: FtLoss,
+    spec: OptimSpec,
+    steps: int,
+    *,
+    truncate: int | None = None,
+    checkpoint: bool = True,
+) -> list[Tensor]:
     """Hypergradient by differentiating through ``steps`` simulated optimizer steps.
 
     Args:
         theta: Start of fine-tuning (phi_0 = theta), a list of tensors of any shapes. Not modified.
         outer_loss: ``outer_loss(theta, phi_T) -> scalar``, both arguments lists shaped like theta.
-        ft_loss: ``ft_loss(phi, t) -> scalar``, the fine-tuning loss at step t (batches may differ per
-            step). Must be deterministic given (phi, t): the checkpointed mode calls it twice per step.
+        ft_loss: ``ft_loss(phi, t) -> scalar``, the fine-tuning loss at step t (batches may differ
+            per step). Must be deterministic given (phi, t): the checkpointed mode calls it twice
+            per step.
         spec: The simulated optimizer; its state starts fresh (:func:`init_state`).
         steps: Number of fine-tuning steps T >= 0.
         truncate: None (or any value >= steps) differentiates through all T steps. An integer
@@ -145,7 +183,8 @@ def unrolled_hypergrad(theta: list[Tensor], outer_loss: OuterLoss, ft_loss: FtLo
             dependence of outer_loss on theta is always kept. truncate=0 thus gives the first-order
             answer d_theta outer + d_phi outer, both evaluated at (theta, phi_T).
         checkpoint: True: activation memory independent of T (snapshots plus per-step recompute
-            and vector-Jacobian products). False: one graph over the whole trajectory (the reference).
+            and vector-Jacobian products). False: one graph over the whole trajectory (the
+            reference).
 
     Returns:
         d outer_loss(theta, phi_T(theta)) / d theta: detached tensors shaped like theta.
@@ -156,7 +195,9 @@ def unrolled_hypergrad(theta: list[Tensor], outer_loss: OuterLoss, ft_loss: FtLo
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be an int >= 0, got {steps!r}")
-    if truncate is not None and (isinstance(truncate, bool) or not isinstance(truncate, int) or truncate < 0):
+    if truncate is not None and (
+        isinstance(truncate, bool) or not isinstance(truncate, int) or truncate < 0
+    ):
         raise ValueError(f"truncate must be None or an int >= 0, got {truncate!r}")
     if not theta or not all(isinstance(x, Tensor) and x.is_floating_point() for x in theta):
         raise ValueError("theta must be a non-empty list of floating-point tensors")

@@ -5,7 +5,7 @@ HVP step size. Device-side, differentiable reductions (CG's alpha) stay where th
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -25,4 +25,6 @@ def norm(ts: Sequence[Tensor]) -> float:
 
 def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
     """sum_i <a_i, b_i> in fp64."""
-    return float(torch.stack([(x.detach().double() * y.detach().double()).sum() for x, y in zip(a, b)]).sum())
+    return float(
+        torch.stack([(x.detach().double() * y.detach().double()).sum() for x, y in zip(a, b)]).sum()
+    )

@@ -1,4 +1,5 @@
-"""pi(C): the distribution of simulated downstream fine-tuning configurations, read from a TOML file.
+"""pi(C): the distribution of simulated downstream fine-tuning configurations, read from a TOML
+file.
 
 A file has either a `[space]` table of lists (each sampled configuration draws one value from every
 list, uniformly and independently) or an explicit `[[configs]]` array (sampled uniformly), plus an
@@ -15,7 +16,11 @@ import torch
 
 from resalign_fast.config import CONFIG_DIR, ConfigError, load_toml
 
-CHOICES = {"loss": ("standard", "dreambooth"), "algorithm": ("full", "lora"), "optimizer": ("sgd", "adam", "adamw")}
+CHOICES = {
+    "loss": ("standard", "dreambooth"),
+    "algorithm": ("full", "lora"),
+    "optimizer": ("sgd", "adam", "adamw"),
+}
 
 
 @dataclass(frozen=True)
@@ -41,8 +46,12 @@ class FTConfig:
     def __post_init__(self) -> None:
         for k, allowed in CHOICES.items():
             if getattr(self, k) not in allowed:
-                raise ConfigError(f"fine-tuning config: {k} = {getattr(self, k)!r} is not one of {allowed}")
-        if not (self.lr > 0 and self.steps >= 1 and self.batch_size >= 1 and self.prior_weight >= 0):
+                raise ConfigError(
+                    f"fine-tuning config: {k} = {getattr(self, k)!r} is not one of {allowed}"
+                )
+        if not (
+            self.lr > 0 and self.steps >= 1 and self.batch_size >= 1 and self.prior_weight >= 0
+        ):
             raise ConfigError(f"fine-tuning config: out-of-range value in {self}")
 
     def short(self) -> str:
@@ -72,7 +81,7 @@ class FTSpace:
         idx = torch.randint(0, len(self.configs), (k,), generator=generator)
         return [self.configs[int(i)] for i in idx]
 
-    def with_overrides(self, **kw) -> "FTSpace":
+    def with_overrides(self, **kw) -> FTSpace:
         return FTSpace(tuple(replace(c, **kw) for c in self.configs), self.source)
 
 
@@ -83,11 +92,15 @@ def load_ft_space(name_or_path: str) -> FTSpace:
         p = CONFIG_DIR / f"{name_or_path}.toml"
         if not p.is_file():
             shipped = sorted(q.stem for q in CONFIG_DIR.glob("*.toml"))
-            raise ConfigError(f"ft_space: unknown name {name_or_path!r}; shipped: {shipped}, or give a .toml path")
+            raise ConfigError(
+                f"ft_space: unknown name {name_or_path!r}; shipped: {shipped}, or give a .toml path"
+            )
     d = load_toml(p)
     unknown = sorted(set(d) - {"space", "fixed", "configs"})
     if unknown:
-        raise ConfigError(f"{p}: unknown table(s) {unknown}; expected [space], [fixed] or [[configs]]")
+        raise ConfigError(
+            f"{p}: unknown table(s) {unknown}; expected [space], [fixed] or [[configs]]"
+        )
     fixed = d.get("fixed", {})
     if ("space" in d) == ("configs" in d):
         raise ConfigError(f"{p}: give exactly one of [space] or [[configs]]")
@@ -96,7 +109,9 @@ def load_ft_space(name_or_path: str) -> FTSpace:
         if not all(isinstance(v, list) and v for v in space.values()):
             raise ConfigError(f"{p}: every [space] entry must be a non-empty list")
         keys = sorted(space)
-        items = [dict(zip(keys, vals), **fixed) for vals in itertools.product(*(space[k] for k in keys))]
+        items = [
+            dict(zip(keys, vals), **fixed) for vals in itertools.product(*(space[k] for k in keys))
+        ]
     else:
         items = [dict(fixed, **c) for c in d["configs"]]
     if not items:

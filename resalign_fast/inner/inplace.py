@@ -15,18 +15,18 @@ gradient buffer (3.2 GiB for SD v1.4) instead of a second forward graph.
 The in-place finite-difference HVP that follows the simulation is `hypergrad.hvp`'s ``inplace``.
 
 Optimizer state in host memory (``simulate_inplace(..., offload=True)``, config field
-``offload_optimizer_state``): Adam's two moments (SGD's momentum buffer) are another two copies of the
-UNet (6.4 GiB for SD v1.4). Offloaded, they live in host memory (pinned when CUDA is present) and are
-streamed per parameter inside the hook: copied to the device, stepped by the same kernel, copied
-back. Only one parameter's state is on the device at a time, and the values are those of the
-on-device path bit for bit (same kernel, same inputs; the first step starts from zeros on the
-device and skips the upload). The cost is one upload and one download of the state per parameter
-and step (on CPU, where host and device are one memory, two extra copies: measured in RESULTS.md).
+``offload_optimizer_state``): Adam's two moments (SGD's momentum buffer) are another two copies of
+the UNet (6.4 GiB for SD v1.4). Offloaded, they live in host memory (pinned when CUDA is present)
+and are streamed per parameter inside the hook: copied to the device, stepped by the same kernel,
+copied back. Only one parameter's state is on the device at a time, and the values are those of the
+on-device path bit for bit (same kernel, same inputs; the first step starts from zeros on the device
+and skips the upload). The cost is one upload and one download of the state per parameter and step
+(on CPU, where host and device are one memory, two extra copies: measured in RESULTS.md).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -36,7 +36,9 @@ from resalign_fast.inner.optim import OptimSpec, OptState, init_state, step_
 __all__ = ["backward_into", "host_backup", "host_empty", "restore", "simulate_inplace"]
 
 
-def backward_into(params: Sequence[Tensor], loss: Tensor, on_grad: Callable[[int, Tensor], None]) -> None:
+def backward_into(
+    params: Sequence[Tensor], loss: Tensor, on_grad: Callable[[int, Tensor], None]
+) -> None:
     """Backward of `loss` into `params` only, handing over each gradient as soon as it is complete.
 
     Args:
@@ -57,6 +59,7 @@ def backward_into(params: Sequence[Tensor], loss: Tensor, on_grad: Callable[[int
         def hook(p: Tensor) -> None:
             g, p.grad = p.grad, None
             on_grad(i, g)
+
         return hook
 
     handles = [p.register_post_accumulate_grad_hook(hook_for(i)) for i, p in enumerate(params)]
@@ -90,8 +93,14 @@ def restore(params: Sequence[Tensor], backup: list[Tensor]) -> None:
     backup.clear()
 
 
-def simulate_inplace(params: Sequence[Tensor], loss_fn: Callable[[], Tensor], spec: OptimSpec,
-                     steps: int, *, offload: bool = False) -> None:
+def simulate_inplace(
+    params: Sequence[Tensor],
+    loss_fn: Callable[[], Tensor],
+    spec: OptimSpec,
+    steps: int,
+    *,
+    offload: bool = False,
+) -> None:
     """`steps` optimizer steps on params in place, each parameter stepped inside the backward pass.
 
     Same update as `simulate_finetune` with plain steps (per-parameter states of `inner.optim`,
@@ -119,9 +128,13 @@ def simulate_inplace(params: Sequence[Tensor], loss_fn: Callable[[], Tensor], sp
         backward_into(params, loss_fn(), step)
 
 
-def simulate_offloaded(params: list[Tensor], loss_fn: Callable[[], Tensor], spec: OptimSpec, steps: int) -> None:
+def simulate_offloaded(
+    params: list[Tensor], loss_fn: Callable[[], Tensor], spec: OptimSpec, steps: int
+) -> None:
     """`simulate_inplace` with each parameter's state in host memory between its steps."""
-    names = sorted(init_state(spec, []).buffers)  # the buffers of `spec` ("exp_avg", "exp_avg_sq", ...)
+    names = sorted(
+        init_state(spec, []).buffers
+    )  # the buffers of `spec` ("exp_avg", "exp_avg_sq", ...)
     host: list[dict[str, Tensor]] = [{} for _ in params]  # filled at each parameter's first step
     counts = [0] * len(params)
     blocking = not (params and params[0].is_cuda)
@@ -132,7 +145,9 @@ def simulate_offloaded(params: list[Tensor], loss_fn: Callable[[], Tensor], spec
             if counts[i] == 0:  # a fresh state is zeros: made on the device, nothing to upload
                 dev = {n: torch.zeros_like(p, memory_format=torch.contiguous_format) for n in names}
             else:
-                dev = {n: host[i][n].to(p.device, non_blocking=not blocking, copy=True) for n in names}
+                dev = {
+                    n: host[i][n].to(p.device, non_blocking=not blocking, copy=True) for n in names
+                }
             state = OptState(counts[i], {n: [dev[n]] for n in names})
             step_(spec, [p], [g], state)
             counts[i] = state.step
@@ -147,4 +162,6 @@ def simulate_offloaded(params: list[Tensor], loss_fn: Callable[[], Tensor], spec
     for _ in range(steps):
         backward_into(params, loss_fn(), step)
     if params and params[0].is_cuda:
-        torch.cuda.current_stream(params[0].device).synchronize()  # downloads done before the state is freed
+        torch.cuda.current_stream(
+            params[0].device
+        ).synchronize()  # downloads done before the state is freed

@@ -63,14 +63,18 @@ class OptimSpec:
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"OptimSpec.momentum must be in [0, 1), got {self.momentum}")
         if self.name != "sgd" and self.momentum != 0.0:
-            raise ValueError(f"OptimSpec.momentum applies to sgd only (got {self.momentum} for "
-                             f"{self.name}); Adam's momentum is betas[0]")
+            raise ValueError(
+                f"OptimSpec.momentum applies to sgd only (got {self.momentum} for "
+                f"{self.name}); Adam's momentum is betas[0]"
+            )
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"OptimSpec.betas must be two values in [0, 1), got {self.betas}")
         if not (math.isfinite(self.eps) and self.eps >= 0.0):
             raise ValueError(f"OptimSpec.eps must be finite and >= 0, got {self.eps}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0.0):
-            raise ValueError(f"OptimSpec.weight_decay must be finite and >= 0, got {self.weight_decay}")
+            raise ValueError(
+                f"OptimSpec.weight_decay must be finite and >= 0, got {self.weight_decay}"
+            )
 
 
 @dataclass
@@ -92,20 +96,23 @@ class OptState:
         return [t for name in sorted(self.buffers) for t in self.buffers[name]]
 
     def with_tensors(self, tensors: list[Tensor]) -> OptState:
-        """A state with the same step and layout holding ``tensors`` (ordered as :meth:`tensors`)."""
+        """A state with the same step and layout holding ``tensors`` (ordered as
+        :meth:`tensors`)."""
         n = sum(len(v) for v in self.buffers.values())
         if len(tensors) != n:
             raise ValueError(f"OptState.with_tensors: expected {n} tensors, got {len(tensors)}")
         out, i = {}, 0
         for name in sorted(self.buffers):
             k = len(self.buffers[name])
-            out[name] = list(tensors[i:i + k])
+            out[name] = list(tensors[i : i + k])
             i += k
         return replace(self, buffers=out)
 
     def clone(self) -> OptState:
         """A detached deep copy (a snapshot that later in-place steps leave untouched)."""
-        return replace(self, buffers={k: [t.detach().clone() for t in v] for k, v in self.buffers.items()})
+        return replace(
+            self, buffers={k: [t.detach().clone() for t in v] for k, v in self.buffers.items()}
+        )
 
 
 def init_state(spec: OptimSpec, params: list[Tensor]) -> OptState:
@@ -118,7 +125,10 @@ def init_state(spec: OptimSpec, params: list[Tensor]) -> OptState:
     Returns:
         A new :class:`OptState` sharing nothing with any earlier simulation.
     """
-    zeros = lambda: [torch.zeros_like(p, memory_format=torch.preserve_format).detach() for p in params]  # noqa: E731
+
+    def zeros() -> list[Tensor]:
+        return [torch.zeros_like(p, memory_format=torch.preserve_format).detach() for p in params]
+
     if spec.name == "sgd":
         return OptState(0, {"momentum_buffer": zeros()} if spec.momentum != 0.0 else {})
     return OptState(0, {"exp_avg": zeros(), "exp_avg_sq": zeros()})
@@ -129,25 +139,31 @@ def _check(spec: OptimSpec, params: list[Tensor], grads: list[Tensor], state: Op
         raise ValueError(f"got {len(params)} params but {len(grads)} grads")
     for name, bufs in state.buffers.items():
         if len(bufs) != len(params):
-            raise ValueError(f"state buffer {name!r} has {len(bufs)} tensors for {len(params)} params")
+            raise ValueError(
+                f"state buffer {name!r} has {len(bufs)} tensors for {len(params)} params"
+            )
     expected = set(init_state(spec, []).buffers)
     if set(state.buffers) != expected:
-        raise ValueError(f"state buffers {sorted(state.buffers)} do not fit {spec.name} "
-                         f"(momentum={spec.momentum}); use init_state(spec, params)")
+        raise ValueError(
+            f"state buffers {sorted(state.buffers)} do not fit {spec.name} "
+            f"(momentum={spec.momentum}); use init_state(spec, params)"
+        )
 
 
 def _sqrt_safe(x: Tensor) -> Tensor:
     """sqrt(x) with value sqrt(x) exactly and derivative 0 (not inf) where x == 0.
 
     A parameter whose gradients have all been exactly zero (LoRA A while B == 0, say) has
-    exp_avg == exp_avg_sq == 0, where autograd's d sqrt would give 0 * inf = NaN. NaN inputs stay NaN.
+    exp_avg == exp_avg_sq == 0, where autograd's d sqrt would give 0 * inf = NaN. NaN inputs stay
+    NaN.
     """
     pos = x > 0
     return torch.where(pos, torch.where(pos, x, torch.ones_like(x)).sqrt(), x * 0)
 
 
-def step(spec: OptimSpec, params: list[Tensor], grads: list[Tensor],
-         state: OptState) -> tuple[list[Tensor], OptState]:
+def step(
+    spec: OptimSpec, params: list[Tensor], grads: list[Tensor], state: OptState
+) -> tuple[list[Tensor], OptState]:
     """One optimizer step, pure and differentiable.
 
     Args:
@@ -200,32 +216,27 @@ def step(spec: OptimSpec, params: list[Tensor], grads: list[Tensor],
 @torch.no_grad()
 def step_ref_(spec: OptimSpec, params: list[Tensor], grads: list[Tensor], state: OptState) -> None:
     """Plain-torch in-place step: the reference of :func:`step_` (same arguments, same effect),
-    tensor by tensor through the references of ``resalign_fast.ops.optim_step``."""
-    _check(spec, params, grads, state)
-    state.step += 1
-    t, wd = state.step, spec.weight_decay
-    if spec.name == "sgd":
-        bufs = state.buffers.get("momentum_buffer", [None] * len(params))
-        for p, g, b in zip(params, grads, bufs):
-            optim_step.sgd_step_ref(p, g, b, lr=spec.lr, momentum=spec.momentum, weight_decay=wd,
-                                    first_step=t == 1)
-        return
-    beta1, beta2 = spec.betas
-    for p, g, m, v in zip(params, grads, state.buffers["exp_avg"], state.buffers["exp_avg_sq"]):
-        optim_step.adam_step_ref(p, g, m, v, step=t, lr=spec.lr, beta1=beta1, beta2=beta2, eps=spec.eps,
-                                 weight_decay=wd, decoupled=spec.name == "adamw")
+    :func:`step_` on the torch references of ``resalign_fast.ops.optim_step``."""
+    step_(spec, params, grads, state, backend="torch")
 
 
 def _flat(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
     """1-D views when every tensor is contiguous (what the fused kernels take), else unchanged
-    (the dispatcher then refuses the kernels and runs its torch reference, which takes any shape)."""
+    (the dispatcher then refuses the kernels and runs its torch reference, which takes any
+    shape)."""
     if all(t is None or t.is_contiguous() for t in tensors):
         return tuple(None if t is None else t.view(-1) for t in tensors)
     return tensors
 
 
-def step_(spec: OptimSpec, params: list[Tensor], grads: list[Tensor], state: OptState, *,
-          backend: str = "auto") -> None:
+def step_(
+    spec: OptimSpec,
+    params: list[Tensor],
+    grads: list[Tensor],
+    state: OptState,
+    *,
+    backend: str = "auto",
+) -> None:
     """One optimizer step in place under ``no_grad`` (the no-graph simulation's fast path).
 
     Each tensor goes through ``resalign_fast.ops.optim_step`` (``adam_step`` / ``sgd_step``, fused
@@ -250,12 +261,34 @@ def step_(spec: OptimSpec, params: list[Tensor], grads: list[Tensor], state: Opt
             bufs = state.buffers.get("momentum_buffer", [None] * len(params))
             for p, g, b in zip(params, grads, bufs):
                 p1, g1, b1 = _flat(p, g, b)
-                optim_step.sgd_step(p1, g1, b1, lr=spec.lr, momentum=spec.momentum, weight_decay=wd,
-                             first_step=t == 1, backend=backend)
+                optim_step.sgd_step(
+                    p1,
+                    g1,
+                    b1,
+                    lr=spec.lr,
+                    momentum=spec.momentum,
+                    weight_decay=wd,
+                    first_step=t == 1,
+                    backend=backend,
+                )
         else:
             beta1, beta2 = spec.betas
-            for p, g, m, v in zip(params, grads, state.buffers["exp_avg"], state.buffers["exp_avg_sq"]):
+            for p, g, m, v in zip(
+                params, grads, state.buffers["exp_avg"], state.buffers["exp_avg_sq"]
+            ):
                 p1, g1, m1, v1 = _flat(p, g, m, v)
-                optim_step.adam_step(p1, g1, m1, v1, step=t, lr=spec.lr, beta1=beta1, beta2=beta2, eps=spec.eps,
-                              weight_decay=wd, decoupled=spec.name == "adamw", backend=backend)
+                optim_step.adam_step(
+                    p1,
+                    g1,
+                    m1,
+                    v1,
+                    step=t,
+                    lr=spec.lr,
+                    beta1=beta1,
+                    beta2=beta2,
+                    eps=spec.eps,
+                    weight_decay=wd,
+                    decoupled=spec.name == "adamw",
+                    backend=backend,
+                )
     state.step = t

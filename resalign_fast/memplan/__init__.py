@@ -15,4 +15,14 @@ from resalign_fast.memplan.estimate import ConfigPeak, Estimator, measure
 from resalign_fast.memplan.recipes import PI_C, REFERENCE, ConfigKind, Recipe, StepShape
 from resalign_fast.memplan.tracker import StorageTracker
 
-__all__ = ["ConfigKind", "ConfigPeak", "Estimator", "PI_C", "REFERENCE", "Recipe", "StepShape", "StorageTracker", "measure"]
+__all__ = [
+    "ConfigKind",
+    "ConfigPeak",
+    "Estimator",
+    "PI_C",
+    "REFERENCE",
+    "Recipe",
+    "StepShape",
+    "StorageTracker",
+    "measure",
+]

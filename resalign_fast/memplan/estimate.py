@@ -56,24 +56,42 @@ class Estimator:
         guard: the trainer's `guard` for every recipe; None: each recipe's own.
     """
 
-    def __init__(self, model: str | ModelSpec = "sd-v1-4", shape: StepShape = StepShape(),
-                 block: int = CUDA_BLOCK, target: str = "cuda", guard: str | None = None) -> None:
+    def __init__(
+        self,
+        model: str | ModelSpec = "sd-v1-4",
+        shape: StepShape = StepShape(),
+        block: int = CUDA_BLOCK,
+        target: str = "cuda",
+        guard: str | None = None,
+    ) -> None:
         if isinstance(model, str):
             if model not in MODELS:
                 raise ValueError(f"unknown model {model!r}; known: {sorted(MODELS)}")
             model = MODELS[model]
-        self.spec, self.shape, self.block, self.target, self.guard = model, shape, block, target, guard
+        self.spec, self.shape, self.block, self.target, self.guard = (
+            model,
+            shape,
+            block,
+            target,
+            guard,
+        )
         self.cache = True
         self._cache = MetaOpCache()
 
     def _trace(self, recipe: Recipe, kind: ConfigKind, explain_at: int | None = None):
         """Trace one outer step; (tracker report, weight bytes, seconds)."""
         if recipe.weights not in DTYPES:
-            raise ValueError(f"unknown weights dtype {recipe.weights!r}; choose one of {sorted(DTYPES)}")
+            raise ValueError(
+                f"unknown weights dtype {recipe.weights!r}; choose one of {sorted(DTYPES)}"
+            )
         with torch.device("meta"):
             unet = build_unet(self.spec, dtype=DTYPES[recipe.weights])
-        tracker = StorageTracker(self.block, fake_scalars=True, run_op=self._cache if self.cache else None,
-                                 explain_at=explain_at)
+        tracker = StorageTracker(
+            self.block,
+            fake_scalars=True,
+            run_op=self._cache if self.cache else None,
+            explain_at=explain_at,
+        )
         self.last_tracker = tracker
         t0 = time.perf_counter()
         with reference_ops(), sdpa_as(self.target), tracker:
@@ -90,10 +108,13 @@ class Estimator:
             rep, weights, sec = self._trace(recipe, config)
         except Exception as e:  # a recipe that cannot run a config is reported, not fatal
             return ConfigPeak(config.name, None, error=_why(e), seconds=time.perf_counter() - t0)
-        return ConfigPeak(config.name, rep.peak, rep.peak_phase, _phase_peaks(rep.phases), weights,
-                          seconds=sec)
+        return ConfigPeak(
+            config.name, rep.peak, rep.peak_phase, _phase_peaks(rep.phases), weights, seconds=sec
+        )
 
-    def explain(self, recipe: Recipe, config: ConfigKind, top: int = 12) -> list[tuple[str, int, int]]:
+    def explain(
+        self, recipe: Recipe, config: ConfigKind, top: int = 12
+    ) -> list[tuple[str, int, int]]:
         """What is live at the peak of `recipe` on `config`: the `top` groups of storages by the
         operator (and phase), shape and dtype that allocated them, largest first.
 
@@ -121,8 +142,14 @@ def _phase_peaks(phases: dict[str, PhasePeak]) -> dict[str, int]:
     return {k: v.peak for k, v in phases.items()}
 
 
-def measure(unet: torch.nn.Module, spec: ModelSpec, recipe: Recipe, config: ConfigKind,
-            shape: StepShape, guard: str | None = None) -> dict[str, int]:
+def measure(
+    unet: torch.nn.Module,
+    spec: ModelSpec,
+    recipe: Recipe,
+    config: ConfigKind,
+    shape: StepShape,
+    guard: str | None = None,
+) -> dict[str, int]:
     """Run the trainer's outer step on real CPU tensors and measure its peak memory.
 
     Two independent measurements: the CPU allocator's running total of bytes allocated while the

@@ -17,7 +17,7 @@ tensors would too, but torch 2.13's `FakeTensorMode` breaks forward-over-reverse
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -26,18 +26,30 @@ TARGETS = ("cuda", "cpu")
 
 
 def _sdpa_for(target: str):
-    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    def sdpa(
+        query,
+        key,
+        value,
+        attn_mask=None,
+        dropout_p=0.0,
+        is_causal=False,
+        scale=None,
+        enable_gqa=False,
+    ):
         if enable_gqa:
             raise ValueError("memory planner: enable_gqa SDPA is not modelled")
         if target == "cpu":
             return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[0]
+                query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale
+            )[0]
         if query.dtype in (torch.float16, torch.bfloat16) and attn_mask is None:
             return torch.ops.aten._scaled_dot_product_flash_attention(
-                query, key, value, dropout_p, is_causal, False, scale=scale)[0]
+                query, key, value, dropout_p, is_causal, False, scale=scale
+            )[0]
         lse = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
         return torch.ops.aten._scaled_dot_product_efficient_attention(
-            query, key, value, attn_mask, lse, dropout_p, is_causal, scale=scale)[0]
+            query, key, value, attn_mask, lse, dropout_p, is_causal, scale=scale
+        )[0]
 
     return sdpa
 
@@ -90,7 +102,17 @@ class _Uncachable(Exception):
     pass
 
 
-_PRIMITIVES = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format)
+_PRIMITIVES = (
+    int,
+    float,
+    bool,
+    str,
+    type(None),
+    torch.dtype,
+    torch.device,
+    torch.layout,
+    torch.memory_format,
+)
 
 
 def _sig(x):
@@ -182,7 +204,9 @@ def _record(out):
 def _build(rec):
     tag = rec[0]
     if tag == "T":
-        return torch.empty_strided(rec[1], rec[2], dtype=rec[3], device="meta", requires_grad=rec[4])
+        return torch.empty_strided(
+            rec[1], rec[2], dtype=rec[3], device="meta", requires_grad=rec[4]
+        )
     if tag == "V":
         return rec[1]
     return tag(_build(e) for e in rec[1])

@@ -20,7 +20,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass(frozen=True)
 class ConfigKind:
-    """The memory-relevant part of a fine-tuning configuration C of pi(C) (`inner.configs.FTConfig`).
+    """The memory-relevant part of a fine-tuning configuration C of pi(C)
+    (`inner.configs.FTConfig`).
 
     Learning rate and step count do not change the peak (no graph is kept between steps).
 
@@ -41,7 +42,10 @@ class ConfigKind:
 
 
 PI_C: tuple[ConfigKind, ...] = tuple(
-    ConfigKind(a, o, l) for a in ("lora", "full") for o in ("sgd", "adam") for l in ("standard", "dreambooth")
+    ConfigKind(a, o, loss)
+    for a in ("lora", "full")
+    for o in ("sgd", "adam")
+    for loss in ("standard", "dreambooth")
 )
 
 
@@ -83,8 +87,14 @@ class Recipe:
     guard: str = "stable"
 
 
-REFERENCE = Recipe("reference", hvp="exact", attention="math", checkpointing=False, split_terms=False,
-                   guard="reference")
+REFERENCE = Recipe(
+    "reference",
+    hvp="exact",
+    attention="math",
+    checkpointing=False,
+    split_terms=False,
+    guard="reference",
+)
 
 
 @dataclass(frozen=True)
@@ -112,8 +122,9 @@ class StepShape:
 ATTENTION = {"math": "math", "chunked": "chunked", "fused": "lean"}
 
 
-def trainer_config(recipe: Recipe, kind: ConfigKind, shape: StepShape,
-                   guard: str | None = None) -> tuple[ResAlignConfig, FTSpace]:
+def trainer_config(
+    recipe: Recipe, kind: ConfigKind, shape: StepShape, guard: str | None = None
+) -> tuple[ResAlignConfig, FTSpace]:
     """The trainer's run configuration and pi(C) = {C} for one outer step of `recipe` on `kind`.
 
     One sampled configuration per step; the solver guard runs one attempt (max_grad_norm inf, no
@@ -125,14 +136,34 @@ def trainer_config(recipe: Recipe, kind: ConfigKind, shape: StepShape,
     if recipe.hvp not in HVP_BACKENDS:
         raise ValueError(f"unknown hvp backend {recipe.hvp!r}; choose one of {HVP_BACKENDS}")
     if recipe.attention not in ATTENTION:
-        raise ValueError(f"unknown attention mode {recipe.attention!r}; choose one of {tuple(ATTENTION)}")
+        raise ValueError(
+            f"unknown attention mode {recipe.attention!r}; choose one of {tuple(ATTENTION)}"
+        )
     cfg = ResAlignConfig(
-        theta="lora", hvp=recipe.hvp, attention=ATTENTION[recipe.attention],
-        gradient_checkpointing=recipe.checkpointing, batch_size=shape.batch, iters=shape.iters,
-        configs_per_step=1, lam=shape.lam, gamma=shape.gamma, alpha=shape.alpha,
-        max_grad_norm=float("inf"), max_retries=0, progress=False, split_terms=recipe.split_terms,
-        lean_full=recipe.lean_full, offload_optimizer_state=recipe.offload_state,
-        guard=recipe.guard if guard is None else guard)
-    c = FTConfig(lr=1e-5, steps=shape.sim_steps, loss=kind.loss, algorithm=kind.algo,
-                 optimizer=kind.optim, batch_size=shape.batch)
+        theta="lora",
+        hvp=recipe.hvp,
+        attention=ATTENTION[recipe.attention],
+        gradient_checkpointing=recipe.checkpointing,
+        batch_size=shape.batch,
+        iters=shape.iters,
+        configs_per_step=1,
+        lam=shape.lam,
+        gamma=shape.gamma,
+        alpha=shape.alpha,
+        max_grad_norm=float("inf"),
+        max_retries=0,
+        progress=False,
+        split_terms=recipe.split_terms,
+        lean_full=recipe.lean_full,
+        offload_optimizer_state=recipe.offload_state,
+        guard=recipe.guard if guard is None else guard,
+    )
+    c = FTConfig(
+        lr=1e-5,
+        steps=shape.sim_steps,
+        loss=kind.loss,
+        algorithm=kind.algo,
+        optimizer=kind.optim,
+        batch_size=shape.batch,
+    )
     return cfg, FTSpace((c,))

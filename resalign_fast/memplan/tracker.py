@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -65,9 +66,9 @@ class StorageTracker(TorchDispatchMode):
         block: allocation granularity in bytes; each storage is rounded up to a multiple of it.
             512 models the CUDA caching allocator; 1 counts exact bytes.
         fake_scalars: answer every data-dependent scalar read (``.item()``, ``float(t)``,
-            ``bool(t)``) of a meta tensor with 1 instead of running it. Meta tensors have no values, and
-            code such as a norm check or an adaptive finite-difference step reads some; with 1 the
-            traced control flow is the common path (no zero vector, no guard retry).
+            ``bool(t)``) of a meta tensor with 1 instead of running it. Meta tensors have no values,
+            and code such as a norm check or an adaptive finite-difference step reads some; with 1
+            the traced control flow is the common path (no zero vector, no guard retry).
         run_op: runs an operator, `run_op(func, args, kwargs) -> outputs`; default calls it
             (`meta.MetaOpCache` memoises meta kernels).
         explain_at: when live bytes first reach this value, `snapshot` records what is live,
@@ -80,9 +81,13 @@ class StorageTracker(TorchDispatchMode):
         >>> tr.report().peak
     """
 
-    def __init__(self, block: int = CUDA_BLOCK, fake_scalars: bool = False,
-                 run_op: Callable[[Any, tuple, dict], Any] | None = None,
-                 explain_at: int | None = None) -> None:
+    def __init__(
+        self,
+        block: int = CUDA_BLOCK,
+        fake_scalars: bool = False,
+        run_op: Callable[[Any, tuple, dict], Any] | None = None,
+        explain_at: int | None = None,
+    ) -> None:
         super().__init__()
         self.explain_at = explain_at
         self.snapshot: dict[str, tuple[int, int]] | None = None  # label -> (count, bytes)
@@ -195,14 +200,20 @@ class StorageTracker(TorchDispatchMode):
     # -- dispatch ---------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: D105
         self._ran_op = True
-        if (self.fake_scalars and func is torch.ops.aten._local_scalar_dense.default
-                and args[0].device.type == "meta"):
+        if (
+            self.fake_scalars
+            and func is torch.ops.aten._local_scalar_dense.default
+            and args[0].device.type == "meta"
+        ):
             dtype = args[0].dtype
             return True if dtype == torch.bool else (1.0 if dtype.is_floating_point else 1)
         if self.explain_at is not None:
             self._op = f"{self._phase}: {func.__name__}"
-        if (func is torch.ops.aten._to_copy.default and args[0].device.type == "meta"
-                and torch.device((kwargs or {}).get("device") or "meta").type == "cpu"):
+        if (
+            func is torch.ops.aten._to_copy.default
+            and args[0].device.type == "meta"
+            and torch.device((kwargs or {}).get("device") or "meta").type == "cpu"
+        ):
             # a copy to host memory (x.to("cpu"), x.cpu()) of a meta tensor: meta data cannot be
             # copied out, so it is answered with a CPU tensor of that shape holding no memory (one
             # zero, expanded); host memory is not counted, and a copy back is a new device tensor

@@ -10,8 +10,9 @@ embeddings are random tensors of the right shapes. On meta tensors data-dependen
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from types import SimpleNamespace
-from typing import Callable, ContextManager, Iterator
 
 import torch
 from torch import Tensor
@@ -24,7 +25,7 @@ from resalign_fast.memplan.unets import ModelSpec
 
 
 @contextlib.contextmanager
-def host_allocations(host: Callable[[], ContextManager] | None) -> Iterator[None]:
+def host_allocations(host: Callable[[], AbstractContextManager] | None) -> Iterator[None]:
     """While the block runs, what `resalign_fast.inner.inplace` allocates in host memory (its
     `host_empty`: the lean path's weight backup and offloaded optimizer state) is made under
     `host()` (`StorageTracker.host`: counted as host memory; on meta or CPU tensors it cannot
@@ -47,9 +48,17 @@ def host_allocations(host: Callable[[], ContextManager] | None) -> Iterator[None
         inplace.host_empty = host_empty
 
 
-def build_trainer(unet: torch.nn.Module, spec: ModelSpec, recipe: Recipe, kind: ConfigKind,
-                  shape: StepShape, *, device: str = "meta", dtype: torch.dtype = torch.float32,
-                  guard: str | None = None) -> ResAlign:
+def build_trainer(
+    unet: torch.nn.Module,
+    spec: ModelSpec,
+    recipe: Recipe,
+    kind: ConfigKind,
+    shape: StepShape,
+    *,
+    device: str = "meta",
+    dtype: torch.dtype = torch.float32,
+    guard: str | None = None,
+) -> ResAlign:
     """A `ResAlign` on `unet` whose pi(C) is the one configuration `kind`.
 
     Args:
@@ -61,11 +70,17 @@ def build_trainer(unet: torch.nn.Module, spec: ModelSpec, recipe: Recipe, kind: 
     n = shape.batch
 
     def encoded() -> EncodedSet:
-        return EncodedSet(torch.randn(spec.latent_shape(n, shape.resolution), device=device, dtype=dtype),
-                          torch.randn(spec.text_shape(n), device=device, dtype=dtype), [""] * n)
+        return EncodedSet(
+            torch.randn(spec.latent_shape(n, shape.resolution), device=device, dtype=dtype),
+            torch.randn(spec.text_shape(n), device=device, dtype=dtype),
+            [""] * n,
+        )
 
-    model = SimpleNamespace(unet=unet, frozen_dtype=torch.float32,
-                            scheduler=SimpleNamespace(alphas_cumprod=torch.linspace(0.999, 0.01, 1000)))
+    model = SimpleNamespace(
+        unet=unet,
+        frozen_dtype=torch.float32,
+        scheduler=SimpleNamespace(alphas_cumprod=torch.linspace(0.999, 0.01, 1000)),
+    )
     data = {"harmful": encoded(), "preserve": encoded(), "ft": encoded()}
     uncond = torch.randn(spec.text_shape(1), device=device, dtype=dtype)
     trainer = ResAlign(cfg, model, data, space, uncond_emb=uncond)

@@ -79,7 +79,9 @@ class ModelSpec:
         """
         down = 2 ** (len(self.unet["block_out_channels"]) - 1)
         if resolution % (self.vae_factor * down):
-            raise ValueError(f"resolution {resolution} must be a multiple of {self.vae_factor * down}")
+            raise ValueError(
+                f"resolution {resolution} must be a multiple of {self.vae_factor * down}"
+            )
         side = resolution // self.vae_factor
         return (batch, self.unet["in_channels"], side, side)
 
@@ -94,8 +96,9 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 
-
-def build_unet(spec: ModelSpec, *, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
+def build_unet(
+    spec: ModelSpec, *, dtype: torch.dtype = torch.float32, seed: int = 0
+) -> torch.nn.Module:
     """Build a randomly initialised UNet without adapters (the trainer adds theta's LoRA).
 
     Call it inside `torch.device("meta")` for a UNet without memory.

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -75,7 +75,9 @@ def attention_mode(mode: str) -> Iterator[None]:
         _mode = previous
 
 
-def _xformers_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+def _xformers_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float
+) -> Tensor:
     """xformers memory-efficient attention on (B, H, N, D) tensors."""
     import xformers.ops as xops
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-# fp16's largest value: SD checkpoints ship in fp16, so a weight beyond it cannot even be stored there
+# fp16's largest value: SD checkpoints ship in fp16, so a weight beyond it cannot even be stored
+# there
 MAX_ABS_WEIGHT = 65504.0
 # the denoiser's target (noise, or v) has RMS 1 at every timestep; 1000x that is no prediction
 MAX_OUTPUT_RMS = 1e3
@@ -23,7 +24,8 @@ class UnhealthyModel(RuntimeError):
 
 @torch.no_grad()
 def check_weights(unet: torch.nn.Module) -> None:
-    """Raises UnhealthyModel naming the first parameter that is non-finite or above MAX_ABS_WEIGHT."""
+    """Raises UnhealthyModel naming the first parameter that is non-finite or above
+    MAX_ABS_WEIGHT."""
     for name, p in unet.named_parameters():
         v = p.detach()
         if not torch.isfinite(v).all():
@@ -31,7 +33,9 @@ def check_weights(unet: torch.nn.Module) -> None:
             raise UnhealthyModel(f"weight {name} holds {n} NaN/inf value(s) of {v.numel()}")
         m = float(v.abs().max()) if v.numel() else 0.0
         if m > MAX_ABS_WEIGHT:
-            raise UnhealthyModel(f"weight {name} reaches |w| = {m:.3g} (limit {MAX_ABS_WEIGHT:g}: the run exploded)")
+            raise UnhealthyModel(
+                f"weight {name} reaches |w| = {m:.3g} (limit {MAX_ABS_WEIGHT:g}: the run exploded)"
+            )
 
 
 @torch.no_grad()
@@ -56,12 +60,16 @@ def probe_output(unet: torch.nn.Module, model, n: int = 2) -> float:
     finally:
         unet.train(was_training)
     if not torch.isfinite(out).all():
-        raise UnhealthyModel(f"the model's prediction on a probe batch is non-finite "
-                             f"({int((~torch.isfinite(out)).sum())} of {out.numel()} values)")
+        raise UnhealthyModel(
+            f"the model's prediction on a probe batch is non-finite "
+            f"({int((~torch.isfinite(out)).sum())} of {out.numel()} values)"
+        )
     rms = float(out.pow(2).mean().sqrt())
     if rms > MAX_OUTPUT_RMS:
-        raise UnhealthyModel(f"the model's prediction on a probe batch has RMS {rms:.3g} "
-                             f"(the target's is 1; limit {MAX_OUTPUT_RMS:g}: the run exploded)")
+        raise UnhealthyModel(
+            f"the model's prediction on a probe batch has RMS {rms:.3g} "
+            f"(the target's is 1; limit {MAX_OUTPUT_RMS:g}: the run exploded)"
+        )
     return rms
 
 

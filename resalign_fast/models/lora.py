@@ -1,15 +1,16 @@
 """theta and the spaces the method differentiates in: LoRA adapters (peft) and full UNet weights.
 
-Everything is functional: a `ParamSpace` names UNet parameters, and `space.eps(params, ...)` runs the
-UNet with those parameters substituted (torch.func.functional_call), so the same module serves theta,
-every simulated fine-tuning run and the frozen original model (adapter disabled: no second copy).
+Everything is functional: a `ParamSpace` names UNet parameters, and `space.eps(params, ...)` runs
+the UNet with those parameters substituted (torch.func.functional_call), so the same module serves
+theta, every simulated fine-tuning run and the frozen original model (adapter disabled: no second
+copy).
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
 
 import torch
 from torch.func import functional_call
@@ -18,21 +19,35 @@ TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 PLACEMENT_ATTN = {"all": "attn[12]", "cross": "attn2", "self": "attn1"}
 
 
-def add_lora(unet: torch.nn.Module, rank: int = 4, alpha: float = 4.0, init: str = "gaussian",
-             placement: str = "all") -> None:
+def add_lora(
+    unet: torch.nn.Module,
+    rank: int = 4,
+    alpha: float = 4.0,
+    init: str = "gaussian",
+    placement: str = "all",
+) -> None:
     """Add a peft LoRA adapter on q/k/v/out of the attention layers chosen by `placement`.
 
     Args:
         placement: "all", "cross" (cross-attention, attn2) or "self" (self-attention, attn1).
-        init: peft init_lora_weights ("gaussian": A ~ N(0, 1/r), B = 0, so theta starts at the base model).
+        init: peft init_lora_weights ("gaussian": A ~ N(0, 1/r), B = 0, so theta starts at the base
+            model).
     """
     from peft import LoraConfig
 
     if placement not in PLACEMENT_ATTN:
-        raise ValueError(f"lora placement must be one of {sorted(PLACEMENT_ATTN)}, got {placement!r}")
+        raise ValueError(
+            f"lora placement must be one of {sorted(PLACEMENT_ATTN)}, got {placement!r}"
+        )
     pattern = rf".*\.{PLACEMENT_ATTN[placement]}\.(to_q|to_k|to_v|to_out\.0)$"
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True if init == "default" else init,
-                                target_modules=pattern))
+    unet.add_adapter(
+        LoraConfig(
+            r=rank,
+            lora_alpha=alpha,
+            init_lora_weights=True if init == "default" else init,
+            target_modules=pattern,
+        )
+    )
     unet.requires_grad_(False)
 
 
@@ -87,11 +102,16 @@ class ParamSpace:
         p = dict(self.unet.named_parameters())
         return [p[n] for n in self.names]
 
-    def eps(self, params: list[torch.Tensor], x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        """The UNet's prediction with `params` substituted. x: (B, C, H, W), t: (B,), emb: (B, L, D)."""
+    def eps(
+        self, params: list[torch.Tensor], x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor
+    ) -> torch.Tensor:
+        """The UNet's prediction with `params` substituted. x: (B, C, H, W), t: (B,), emb: (B, L,
+        D)."""
         ctx = contextlib.nullcontext() if self.adapters else adapters_disabled(self.unet)
         with ctx:
-            return functional_call(self.unet, dict(zip(self.names, params)), (x, t, emb), strict=False).sample
+            return functional_call(
+                self.unet, dict(zip(self.names, params)), (x, t, emb), strict=False
+            ).sample
 
     def numel(self) -> int:
         return sum(v.numel() for v in self.values())
@@ -102,12 +122,17 @@ def lora_pairs(unet: torch.nn.Module) -> dict[str, tuple[str, str, float]]:
     out = {}
     for mod_name, mod in unet.named_modules():
         if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
-            out[f"{mod_name}.base_layer.weight"] = (f"{mod_name}.lora_A.default.weight",
-                                                   f"{mod_name}.lora_B.default.weight", float(mod.scaling["default"]))
+            out[f"{mod_name}.base_layer.weight"] = (
+                f"{mod_name}.lora_A.default.weight",
+                f"{mod_name}.lora_B.default.weight",
+                float(mod.scaling["default"]),
+            )
     return out
 
 
-def merge_map(unet: torch.nn.Module, theta_space: ParamSpace, full_names: list[str]) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
+def merge_map(
+    unet: torch.nn.Module, theta_space: ParamSpace, full_names: list[str]
+) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
     """phi0(theta): full base weights with theta's LoRA merged in, differentiable in theta.
 
     W' = W + scale * B @ A on every adapted layer; other weights are the base tensors themselves
@@ -130,12 +155,19 @@ def merge_map(unet: torch.nn.Module, theta_space: ParamSpace, full_names: list[s
     return phi0
 
 
-def merged_state_dict(unet: torch.nn.Module, theta: Optional[list[torch.Tensor]] = None,
-                      theta_space: Optional[ParamSpace] = None) -> dict[str, torch.Tensor]:
+def merged_state_dict(
+    unet: torch.nn.Module,
+    theta: list[torch.Tensor] | None = None,
+    theta_space: ParamSpace | None = None,
+) -> dict[str, torch.Tensor]:
     """State dict of a plain UNet (no adapter) with theta merged in, for diffusers-format export."""
     sd = {}
     full = base_names(unet)
-    vals = merge_map(unet, theta_space, full)(theta) if theta is not None else [dict(unet.named_parameters())[n] for n in full]
+    vals = (
+        merge_map(unet, theta_space, full)(theta)
+        if theta is not None
+        else [dict(unet.named_parameters())[n] for n in full]
+    )
     for n, v in zip(full, vals):
         sd[plain_name(n)] = v.detach().clone().contiguous()
     for n, b in unet.named_buffers():

@@ -15,7 +15,6 @@ import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -27,17 +26,29 @@ DEFAULT_MODEL = "digits"
 
 # The digits model: 16x16 greyscale, 1.66M UNet parameters, attention at 8x8 and 4x4.
 DIGITS_UNET_CONFIG = dict(
-    sample_size=16, in_channels=1, out_channels=1, layers_per_block=1,
+    sample_size=16,
+    in_channels=1,
+    out_channels=1,
+    layers_per_block=1,
     block_out_channels=(32, 64, 64),
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
+    cross_attention_dim=32,
+    attention_head_dim=4,
+    norm_num_groups=8,
 )
 DIGITS_TEXT_CONFIG = dict(
-    vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-    num_attention_heads=4, max_position_embeddings=16, projection_dim=32,
+    vocab_size=49408,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=16,
+    projection_dim=32,
 )
-DIGITS_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")
+DIGITS_SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon"
+)
 FROZEN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -65,7 +76,7 @@ class DiffusionModel:
     text_encoder: torch.nn.Module
     tokenizer: object
     scheduler: object
-    vae: Optional[torch.nn.Module] = None
+    vae: torch.nn.Module | None = None
     source: str = ""
     frozen_dtype: torch.dtype = torch.float32
     fingerprint: str = ""
@@ -91,8 +102,13 @@ class DiffusionModel:
         """Text embeddings (N, L, D), cached per prompt (the text encoder is frozen)."""
         missing = [p for p in dict.fromkeys(prompts) if p not in self._emb_cache]
         if missing:
-            tok = self.tokenizer(missing, padding="max_length", truncation=True,
-                                 max_length=self.tokenizer.model_max_length, return_tensors="pt")
+            tok = self.tokenizer(
+                missing,
+                padding="max_length",
+                truncation=True,
+                max_length=self.tokenizer.model_max_length,
+                return_tensors="pt",
+            )
             dev = next(self.text_encoder.parameters()).device
             emb = self.text_encoder(tok.input_ids.to(dev))[0]
             for p, e in zip(missing, emb):
@@ -111,10 +127,12 @@ class DiffusionModel:
     def to_images(self, latents: torch.Tensor) -> torch.Tensor:
         """Inverse of `to_latents`, clamped to [-1, 1]."""
         if self.vae is not None:
-            latents = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample.float()
+            latents = self.vae.decode(
+                latents.to(self.vae.dtype) / self.vae.config.scaling_factor
+            ).sample.float()
         return latents.clamp(-1, 1)
 
-    def to(self, device: torch.device | str) -> "DiffusionModel":
+    def to(self, device: torch.device | str) -> DiffusionModel:
         for m in (self.unet, self.text_encoder, self.vae):
             if m is not None:
                 m.to(device)
@@ -122,8 +140,11 @@ class DiffusionModel:
         return self
 
 
-def build_digits_model(seed: int = 0, unet_config: Optional[dict] = None, text_config: Optional[dict] = None) -> DiffusionModel:
-    """A freshly initialised digits model (random weights, seeded); configs override the defaults (tests use tiny ones)."""
+def build_digits_model(
+    seed: int = 0, unet_config: dict | None = None, text_config: dict | None = None
+) -> DiffusionModel:
+    """A freshly initialised digits model (random weights, seeded); configs override the defaults
+    (tests use tiny ones)."""
     import tempfile
 
     from diffusers import DDPMScheduler, UNet2DConditionModel
@@ -135,15 +156,28 @@ def build_digits_model(seed: int = 0, unet_config: Optional[dict] = None, text_c
     tcfg = dict(DIGITS_TEXT_CONFIG, **(text_config or {}))
     unet = UNet2DConditionModel(**dict(DIGITS_UNET_CONFIG, **(unet_config or {})))
     text = CLIPTextModel(CLIPTextConfig(**tcfg))
-    _eager_attention(text)
+    eager_attention(text)
     with tempfile.TemporaryDirectory() as d:
         tok = build_clip_tokenizer(d, model_max_length=tcfg["max_position_embeddings"])
-    return DiffusionModel(unet, text.eval().requires_grad_(False), tok, DDPMScheduler(**DIGITS_SCHEDULER_CONFIG), source="init")
+    return DiffusionModel(
+        unet,
+        text.eval().requires_grad_(False),
+        tok,
+        DDPMScheduler(**DIGITS_SCHEDULER_CONFIG),
+        source="init",
+    )
 
 
-def load_model(path: str | Path = DEFAULT_MODEL, *, device: str | torch.device = "cpu", frozen_dtype: str = "fp32",
-               allow_pickle: bool = False, single_file_config: Optional[str] = None) -> DiffusionModel:
-    """Load a local model: "digits" (the embedded default), a diffusers folder or a single .safetensors file.
+def load_model(
+    path: str | Path = DEFAULT_MODEL,
+    *,
+    device: str | torch.device = "cpu",
+    frozen_dtype: str = "fp32",
+    allow_pickle: bool = False,
+    single_file_config: str | None = None,
+) -> DiffusionModel:
+    """Load a local model: "digits" (the embedded default), a diffusers folder or a single
+    .safetensors file.
 
     Args:
         frozen_dtype: "fp32", "bf16" or "fp16" for the frozen VAE and text encoder (a memory saver
@@ -164,14 +198,26 @@ def load_model(path: str | Path = DEFAULT_MODEL, *, device: str | torch.device =
     if str(path) == DEFAULT_MODEL:
         path = DIGITS_MODEL_DIR
         if not (path / "unet").is_dir():
-            raise ModelError(f"embedded digits model missing at {path}: run `python -m resalign_fast.pretrain_digits`")
+            raise ModelError(
+                f"embedded digits model missing at {path}: run `python -m "
+                f"resalign_fast.pretrain_digits`"
+            )
     p = Path(path)
     if p.is_file():
-        m = _load_single_file(p, allow_pickle, single_file_config)
+        from resalign_fast.models.single_file import load_single_file
+
+        m = load_single_file(p, allow_pickle, single_file_config)
     elif not p.exists():
-        hint = " (looks like a hub id: downloads are never attempted)" if "/" in str(path) and not str(path).startswith((".", "/", "~")) else ""
-        raise ModelError(f"{path}: no such model folder or file{hint}. Pass a local diffusers folder "
-                         f"(e.g. one saved by StableDiffusionPipeline.save_pretrained) or a single .safetensors file.")
+        hint = (
+            " (looks like a hub id: downloads are never attempted)"
+            if "/" in str(path) and not str(path).startswith((".", "/", "~"))
+            else ""
+        )
+        raise ModelError(
+            f"{path}: no such model folder or file{hint}. Pass a local diffusers folder "
+            f"(e.g. one saved by StableDiffusionPipeline.save_pretrained) or a single .safetensors "
+            f"file."
+        )
     else:
         for sub in ("unet", "text_encoder", "tokenizer", "scheduler"):
             if not (p / sub).is_dir():
@@ -182,14 +228,34 @@ def load_model(path: str | Path = DEFAULT_MODEL, *, device: str | torch.device =
             text = CLIPTextModel.from_pretrained(p / "text_encoder", **kw)
             tok = CLIPTokenizer.from_pretrained(p / "tokenizer", local_files_only=True)
             sched = DDPMScheduler.from_pretrained(p, subfolder="scheduler", local_files_only=True)
-            vae = AutoencoderKL.from_pretrained(p, subfolder="vae", **kw) if (p / "vae").is_dir() else None
-        except (OSError, ValueError, EnvironmentError) as e:
-            hint = "" if allow_pickle else " (only .safetensors weights are read; pickled .bin files need allow_pickle / --allow_pickle)"
-            raise ModelError(f"{p}: cannot load the model{hint}: {str(e).splitlines()[0]}") from None
-        _eager_attention(text)
-        cls = json.loads((p / "scheduler" / "scheduler_config.json").read_text()).get("_class_name", "DDPMScheduler")
-        m = DiffusionModel(unet, text.requires_grad_(False).eval(), tok, sched,
-                           None if vae is None else vae.requires_grad_(False).eval(), source=str(p), scheduler_class=cls)
+            vae = (
+                AutoencoderKL.from_pretrained(p, subfolder="vae", **kw)
+                if (p / "vae").is_dir()
+                else None
+            )
+        except (OSError, ValueError) as e:
+            hint = (
+                ""
+                if allow_pickle
+                else " (only .safetensors weights are read; pickled .bin files need allow_pickle / "
+                "--allow_pickle)"
+            )
+            raise ModelError(
+                f"{p}: cannot load the model{hint}: {str(e).splitlines()[0]}"
+            ) from None
+        eager_attention(text)
+        cls = json.loads((p / "scheduler" / "scheduler_config.json").read_text()).get(
+            "_class_name", "DDPMScheduler"
+        )
+        m = DiffusionModel(
+            unet,
+            text.requires_grad_(False).eval(),
+            tok,
+            sched,
+            None if vae is None else vae.requires_grad_(False).eval(),
+            source=str(p),
+            scheduler_class=cls,
+        )
     m.frozen_dtype = FROZEN_DTYPES[frozen_dtype]
     for part in (m.text_encoder, m.vae):
         if part is not None and m.frozen_dtype != torch.float32:
@@ -199,50 +265,40 @@ def load_model(path: str | Path = DEFAULT_MODEL, *, device: str | torch.device =
 
 
 def _fingerprint(src: Path, frozen_dtype: str) -> str:
-    """Hash of (name, size, mtime) of every file of the model and the frozen dtype: a changed model misses the cache."""
+    """Hash of (name, size, mtime) of every file of the model and the frozen dtype: a changed
+    model misses the cache."""
     h = hashlib.sha256(f"{src.resolve()}|{frozen_dtype}".encode())
-    files = sorted(q for q in src.rglob("*") if q.is_file()) if src.is_dir() else [src] if src.is_file() else []
+    files = (
+        sorted(q for q in src.rglob("*") if q.is_file())
+        if src.is_dir()
+        else [src]
+        if src.is_file()
+        else []
+    )
     for q in files:
         st = q.stat()
-        h.update(f"{q.relative_to(src) if src.is_dir() else q.name}|{st.st_size}|{st.st_mtime_ns}".encode())
+        name = q.relative_to(src) if src.is_dir() else q.name
+        h.update(f"{name}|{st.st_size}|{st.st_mtime_ns}".encode())
     return h.hexdigest()[:24]
 
 
-def _eager_attention(text_encoder: torch.nn.Module) -> None:
+def eager_attention(text_encoder: torch.nn.Module) -> None:
     """CLIP text models must use eager attention for double backward (FACTS.md)."""
     text_encoder.config._attn_implementation = "eager"
 
 
-def _load_single_file(path: Path, allow_pickle: bool, config: Optional[str]) -> DiffusionModel:
-    """A Stable Diffusion single-file checkpoint through diffusers' single-file loader (offline)."""
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
+def save_model(
+    model: DiffusionModel,
+    out_dir: str | Path,
+    *,
+    unet: torch.nn.Module | None = None,
+    extra: dict | None = None,
+) -> Path:
+    """Save as a diffusers pipeline folder (safetensors). `unet` overrides model.unet (e.g. a merged
+    one).
 
-    if path.suffix not in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
-        raise ModelError(f"{path}: not a model file (expected a .safetensors single-file checkpoint or a diffusers folder)")
-    if path.suffix != ".safetensors" and not allow_pickle:
-        raise ModelError(f"{path}: pickled checkpoint; convert it to .safetensors or pass --allow_pickle "
-                         f"(loaded with torch.load(weights_only=True))")
-    kw = {"config": str(config)} if config else {}
-    try:
-        pipe = StableDiffusionPipeline.from_single_file(str(path), local_files_only=True, safety_checker=None,
-                                                        requires_safety_checker=False, **kw)
-    except Exception as e:  # diffusers raises many kinds here; one clear message
-        hint = "" if config else (" Offline, diffusers needs the component configs locally: pass --single_file_config "
-                                  "<a local diffusers folder of the same architecture>, or convert the file to a folder.")
-        raise ModelError(f"{path}: could not load as a single-file Stable Diffusion checkpoint offline: "
-                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}.{hint}") from None
-    sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    _eager_attention(pipe.text_encoder)
-    return DiffusionModel(pipe.unet, pipe.text_encoder.requires_grad_(False).eval(), pipe.tokenizer, sched,
-                          pipe.vae.requires_grad_(False).eval(), source=str(path),
-                          scheduler_class=type(pipe.scheduler).__name__)
-
-
-def save_model(model: DiffusionModel, out_dir: str | Path, *, unet: Optional[torch.nn.Module] = None,
-               extra: Optional[dict] = None) -> Path:
-    """Save as a diffusers pipeline folder (safetensors). `unet` overrides model.unet (e.g. a merged one).
-
-    A latent model is saved through `StableDiffusionPipeline(..., safety_checker=None).save_pretrained`,
+    A latent model is saved through `StableDiffusionPipeline(...,
+    safety_checker=None).save_pretrained`,
     so `StableDiffusionPipeline.from_pretrained(out_dir)` loads it; the sampling scheduler keeps the
     source's class. Frozen parts held in bf16/fp16 are copied from the source folder, not saved
     rounded. A pixel-space model gets the same layout and a diffusers-style model_index.json of
@@ -258,30 +314,45 @@ def save_model(model: DiffusionModel, out_dir: str | Path, *, unet: Optional[tor
     extra = {(k if k.startswith("_") else f"_{k}"): v for k, v in (extra or {}).items()}
     if model.vae is not None:
         pipe = diffusers.StableDiffusionPipeline(
-            vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=unet,
-            scheduler=sched_cls.from_config(model.scheduler.config), safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False)
+            vae=model.vae,
+            text_encoder=model.text_encoder,
+            tokenizer=model.tokenizer,
+            unet=unet,
+            scheduler=sched_cls.from_config(model.scheduler.config),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
         pipe.save_pretrained(out, safe_serialization=True)
         src = Path(model.source)
         if model.frozen_dtype != torch.float32:
             for sub in ("vae", "text_encoder"):
                 if not (src / sub).is_dir():
-                    raise ModelError(f"save_model: {sub} is held in {model.frozen_dtype} and {src} has no {sub}/ "
-                                     f"to copy; load with frozen_dtype='fp32' to export")
+                    raise ModelError(
+                        f"save_model: {sub} is held in {model.frozen_dtype} and {src} has no "
+                        f"{sub}/ "
+                        f"to copy; load with frozen_dtype='fp32' to export"
+                    )
                 shutil.rmtree(out / sub)
                 shutil.copytree(src / sub, out / sub)
         if extra:
             index = json.loads((out / "model_index.json").read_text())
-            (out / "model_index.json").write_text(json.dumps(dict(index, **extra), indent=2, sort_keys=True))
+            (out / "model_index.json").write_text(
+                json.dumps(dict(index, **extra), indent=2, sort_keys=True)
+            )
         return out
     unet.save_pretrained(out / "unet", safe_serialization=True)
     model.text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
     model.tokenizer.save_pretrained(out / "tokenizer")
     sched_cls.from_config(model.scheduler.config).save_pretrained(out / "scheduler")
-    index = {"_class_name": "ResAlignPixelPipeline", "_diffusers_version": diffusers.__version__,
-             "unet": ["diffusers", type(unet).__name__], "scheduler": ["diffusers", sched_cls.__name__],
-             "text_encoder": ["transformers", type(model.text_encoder).__name__],
-             "tokenizer": ["transformers", type(model.tokenizer).__name__]}
+    index = {
+        "_class_name": "ResAlignPixelPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "unet": ["diffusers", type(unet).__name__],
+        "scheduler": ["diffusers", sched_cls.__name__],
+        "text_encoder": ["transformers", type(model.text_encoder).__name__],
+        "tokenizer": ["transformers", type(model.tokenizer).__name__],
+    }
     index.update(extra)
     (out / "model_index.json").write_text(json.dumps(index, indent=2))
     return out

@@ -6,8 +6,8 @@ of one pass (twice-differentiable chunked attention where a pass is differentiat
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import ContextManager, Optional
 
 import torch
 from diffusers.models.attention_processor import AttnProcessor
@@ -29,11 +29,13 @@ class PreparedUNet:
     """
 
     space: ParamSpace
-    original: Optional[list[torch.Tensor]]
+    original: list[torch.Tensor] | None
     frozen_dtype: torch.dtype
 
 
-def prepare_unet(unet: torch.nn.Module, cfg, frozen_dtype: torch.dtype = torch.float32) -> PreparedUNet:
+def prepare_unet(
+    unet: torch.nn.Module, cfg, frozen_dtype: torch.dtype = torch.float32
+) -> PreparedUNet:
     """Set the attention processors and checkpointing of `unet` and make theta trainable.
 
     Args:
@@ -49,7 +51,9 @@ def prepare_unet(unet: torch.nn.Module, cfg, frozen_dtype: torch.dtype = torch.f
         enable_checkpointing(unet)
     if cfg.theta == "lora":
         add_lora(unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_init, cfg.lora_placement)
-        prepared = PreparedUNet(ParamSpace(unet, lora_names(unet), adapters=True), None, frozen_dtype)
+        prepared = PreparedUNet(
+            ParamSpace(unet, lora_names(unet), adapters=True), None, frozen_dtype
+        )
     else:
         unet.requires_grad_(False)
         space = ParamSpace(unet, base_names(unet), adapters=True)
@@ -60,7 +64,7 @@ def prepare_unet(unet: torch.nn.Module, cfg, frozen_dtype: torch.dtype = torch.f
     return prepared
 
 
-def pass_attention(attention: str, second_order: bool) -> ContextManager:
+def pass_attention(attention: str, second_order: bool) -> AbstractContextManager:
     """The attention mode of one pass for config value `attention`: "math" or "chunked" in every
     pass; otherwise ("lean", "auto") "chunked" (twice differentiable, O(N chunk)) for passes
     differentiated twice, else "fused"."""

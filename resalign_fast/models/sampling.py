@@ -1,8 +1,7 @@
-"""Image generation with classifier-free guidance (DDIM), for pixel-space and latent models alike."""
+"""Image generation with classifier-free guidance (DDIM), for pixel-space and latent models
+alike."""
 
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 
@@ -10,8 +9,16 @@ from resalign_fast.models.pipeline import DiffusionModel
 
 
 @torch.no_grad()
-def generate(model: DiffusionModel, prompts: list[str], *, steps: int = 25, guidance: float = 3.0,
-             seed: int = 0, batch_size: int = 64, unet: Optional[torch.nn.Module] = None) -> torch.Tensor:
+def generate(
+    model: DiffusionModel,
+    prompts: list[str],
+    *,
+    steps: int = 25,
+    guidance: float = 3.0,
+    seed: int = 0,
+    batch_size: int = 64,
+    unet: torch.nn.Module | None = None,
+) -> torch.Tensor:
     """Generate one image per prompt.
 
     Args:
@@ -37,12 +44,22 @@ def generate(model: DiffusionModel, prompts: list[str], *, steps: int = 25, guid
     out = []
     uncond = model.encode_prompts([""])
     for lo in range(0, len(prompts), batch_size):
-        batch = prompts[lo:lo + batch_size]
-        noise = torch.stack([torch.randn(c, s, s, generator=torch.Generator().manual_seed(seed * 1_000_003 + lo + i))
-                             for i in range(len(batch))])
+        batch = prompts[lo : lo + batch_size]
+        noise = torch.stack(
+            [
+                torch.randn(
+                    c, s, s, generator=torch.Generator().manual_seed(seed * 1_000_003 + lo + i)
+                )
+                for i in range(len(batch))
+            ]
+        )
         x = (noise * sched.init_noise_sigma).to(dev, dtype)
         cond = model.encode_prompts(batch).to(dev, dtype)
-        emb = torch.cat([uncond.expand(len(batch), -1, -1).to(dev, dtype), cond]) if guidance != 1 else cond
+        emb = (
+            torch.cat([uncond.expand(len(batch), -1, -1).to(dev, dtype), cond])
+            if guidance != 1
+            else cond
+        )
         for t in sched.timesteps:
             inp = torch.cat([x, x]) if guidance != 1 else x
             eps = unet(sched.scale_model_input(inp, t), t, emb).sample
@@ -61,7 +78,9 @@ def image_grid(images: torch.Tensor, nrow: int) -> torch.Tensor:
     grid = torch.zeros(c, rows * (h + 1) + 1, nrow * (w + 1) + 1)
     for i, im in enumerate(images):
         r, k = divmod(i, nrow)
-        grid[:, 1 + r * (h + 1):1 + r * (h + 1) + h, 1 + k * (w + 1):1 + k * (w + 1) + w] = (im + 1) / 2
+        grid[:, 1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + k * (w + 1) : 1 + k * (w + 1) + w] = (
+            im + 1
+        ) / 2
     return (grid.clamp(0, 1) * 255).round().to(torch.uint8)
 
 

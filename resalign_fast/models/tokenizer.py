@@ -19,7 +19,11 @@ N_MERGES = 49152 - 256 - 2
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP's reversible byte -> printable unicode map."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -34,7 +38,10 @@ def open_clip_vocab_file() -> Path:
     """Path of open-clip-torch's bundled BPE file."""
     spec = importlib.util.find_spec("open_clip")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("open-clip-torch is not installed: `pip install --no-deps open-clip-torch` (it ships the CLIP BPE vocabulary)")
+        raise RuntimeError(
+            "open-clip-torch is not installed: `pip install --no-deps open-clip-torch` (it ships "
+            "the CLIP BPE vocabulary)"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / "bpe_simple_vocab_16e6.txt.gz"
     if not path.is_file():
         raise RuntimeError(f"{path}: CLIP BPE vocabulary missing from open-clip-torch")
@@ -51,8 +58,12 @@ def write_clip_tokenizer_files(out_dir: str | Path) -> tuple[Path, Path]:
     vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     vocab_path, merges_path = out / "vocab.json", out / "merges.txt"
-    vocab_path.write_text(json.dumps({v: i for i, v in enumerate(vocab)}, ensure_ascii=False), encoding="utf-8")
-    merges_path.write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
+    vocab_path.write_text(
+        json.dumps({v: i for i, v in enumerate(vocab)}, ensure_ascii=False), encoding="utf-8"
+    )
+    merges_path.write_text(
+        "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8"
+    )
     return vocab_path, merges_path
 
 

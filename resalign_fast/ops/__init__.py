@@ -11,7 +11,11 @@ chunked, math).
 from resalign_fast.ops import registry
 from resalign_fast.ops.fd_hvp import fd_combine, fd_combine_ref, fd_perturb, fd_perturb_ref
 from resalign_fast.ops.optim_step import adam_step, adam_step_ref, sgd_step, sgd_step_ref
-from resalign_fast.ops.registry import UnsupportedBackendError, not_supported_reasons, select_backend
+from resalign_fast.ops.registry import (
+    UnsupportedBackendError,
+    not_supported_reasons,
+    select_backend,
+)
 from resalign_fast.ops.richardson_step import richardson_step, richardson_step_ref
 
 __all__ = [

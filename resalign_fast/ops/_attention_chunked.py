@@ -20,8 +20,8 @@ higher-order rules. resalign_fast.ops.attention is the op around this (its "chun
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -58,8 +58,6 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-
-
 def _rows(x: Tensor | None, start: int, stop: int) -> Tensor | None:
     """Query rows [start, stop) of a (..., Nq, *) tensor; masks broadcast over Nq pass whole."""
     if x is None or x.shape[-2] == 1:
@@ -81,8 +79,14 @@ def _chunk_forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: 
 
 
 def _chunk_backward(
-    q: Tensor, k: Tensor, v: Tensor, dout: Tensor, mask: Tensor | None, scale: float,
-    out: Tensor | None = None, lse: Tensor | None = None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    dout: Tensor,
+    mask: Tensor | None,
+    scale: float,
+    out: Tensor | None = None,
+    lse: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Vector-Jacobian product of one query chunk, in differentiable torch ops.
 
@@ -142,7 +146,9 @@ def _chunked_backward(q, k, v, out, lse, dout, mask, scale, chunk):
     """Chunked first-order backward from saved out and lse: -> (dq, dk, dv)."""
     dq, dk, dv = _map_chunks(
         lambda qc, dc, oc, lc, mc: _chunk_backward(qc, k, v, dc, mc, scale, oc, lc),
-        chunk, (q, dout, out, lse.unsqueeze(-1), mask), 1,
+        chunk,
+        (q, dout, out, lse.unsqueeze(-1), mask),
+        1,
     )
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 

@@ -79,10 +79,12 @@ def _triton_impl() -> AttentionImpl:
 def attention_triton(
     q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, chunk: int = DEFAULT_CHUNK
 ) -> Tensor:
-    """Flash attention forward/backward in Triton; double backward and jvp via chunked recomputation.
+    """Flash attention forward/backward in Triton; double backward and jvp via chunked
+    recomputation.
 
     Args:
-        q: (B, H, Nq, D); k, v: (B, H, Nk, D); fp16/bf16/fp32 on CUDA (or CPU under the interpreter).
+        q: (B, H, Nq, D); k, v: (B, H, Nk, D); fp16/bf16/fp32 on CUDA (or CPU under the
+            interpreter).
         scale: score scale; None means D ** -0.5.
         chunk: query rows per chunk of the higher-order (chunked) rules.
 
@@ -128,8 +130,10 @@ def _reasons(order: int):
         if q is None:  # environment-only check
             return backends.triton_reasons([], interpreter_dtypes=(torch.float32,))
         if not q.is_cuda and not backends.interpreter_active():  # do not import the kernels
-            return [f"triton: tensors are on {q.device.type}; CPU tensors need TRITON_INTERPRET=1 "
-                    "(set before triton is imported)"]
+            return [
+                f"triton: tensors are on {q.device.type}; CPU tensors need TRITON_INTERPRET=1 "
+                "(set before triton is imported)"
+            ]
         try:
             return _triton_module().not_supported_reasons(backend, q, k, v, attn_mask)
         except ImportError as e:
@@ -155,8 +159,13 @@ for _order, _name in OPS.items():
 
 
 def not_supported_reasons(
-    backend: str, q: Tensor | None = None, k: Tensor | None = None, v: Tensor | None = None,
-    attn_mask: Tensor | None = None, *, order: int = 1,
+    backend: str,
+    q: Tensor | None = None,
+    k: Tensor | None = None,
+    v: Tensor | None = None,
+    attn_mask: Tensor | None = None,
+    *,
+    order: int = 1,
 ) -> list[str]:
     """Why `backend` cannot run `attention`'s inputs at `order` (as in `attention`); empty: it can.
 
@@ -167,7 +176,11 @@ def not_supported_reasons(
 
 
 def select_backend(
-    q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, order: int = 1,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Tensor | None = None,
+    order: int = 1,
     backend: str = "auto",
 ) -> str:
     """The backend `attention` runs: the requested one, or for "auto" the first that can run.

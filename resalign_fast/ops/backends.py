@@ -20,9 +20,9 @@ import importlib
 import importlib.util
 import os
 import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -128,12 +128,16 @@ def triton_reasons(
     if not tensors:
         if torch.cuda.is_available() or interpreter_active():
             return []
-        return ["no CUDA device, and the Triton interpreter is off "
-                "(TRITON_INTERPRET=1 before triton is imported)"]
+        return [
+            "no CUDA device, and the Triton interpreter is off "
+            "(TRITON_INTERPRET=1 before triton is imported)"
+        ]
     if on_cpu:
         if not interpreter_active():
-            return ["CPU tensors run only under the Triton interpreter "
-                    "(TRITON_INTERPRET=1 before triton is imported)"]
+            return [
+                "CPU tensors run only under the Triton interpreter "
+                "(TRITON_INTERPRET=1 before triton is imported)"
+            ]
         allowed = tuple(interpreter_dtypes)
         bad = [t.dtype for t in on_cpu if t.dtype not in allowed]
         if bad:

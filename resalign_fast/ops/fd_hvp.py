@@ -33,7 +33,9 @@ def fd_perturb_ref(
     return torch.add(x, t, out=plus), torch.sub(x, t, out=minus)
 
 
-def fd_combine_ref(g_plus: Tensor, g_minus: Tensor, eps: float, *, out: Tensor | None = None) -> Tensor:
+def fd_combine_ref(
+    g_plus: Tensor, g_minus: Tensor, eps: float, *, out: Tensor | None = None
+) -> Tensor:
     """Plain-torch reference: (g_plus - g_minus) / (2 eps).
 
     Args:
@@ -84,10 +86,18 @@ def fd_combine_not_supported_reasons(backend: str, *tensors: Tensor | None) -> l
     return backends.standard_reasons("fd_combine", backend, tensors)
 
 
-registry.register_op("fd_perturb", PERTURB_IMPLEMENTATIONS, fd_perturb_not_supported_reasons,
-                     backends.skip_interpreter)
-registry.register_op("fd_combine", COMBINE_IMPLEMENTATIONS, fd_combine_not_supported_reasons,
-                     backends.skip_interpreter)
+registry.register_op(
+    "fd_perturb",
+    PERTURB_IMPLEMENTATIONS,
+    fd_perturb_not_supported_reasons,
+    backends.skip_interpreter,
+)
+registry.register_op(
+    "fd_combine",
+    COMBINE_IMPLEMENTATIONS,
+    fd_combine_not_supported_reasons,
+    backends.skip_interpreter,
+)
 
 
 def _check_eps(op: str, eps: float) -> None:
@@ -96,7 +106,12 @@ def _check_eps(op: str, eps: float) -> None:
 
 
 def fd_perturb(
-    x: Tensor, v: Tensor, eps: float, backend: str = "auto", *, out: tuple[Tensor, Tensor] | None = None
+    x: Tensor,
+    v: Tensor,
+    eps: float,
+    backend: str = "auto",
+    *,
+    out: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(x + eps v, x - eps v) in one pass.
 

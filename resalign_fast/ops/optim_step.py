@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import platform
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -25,8 +25,14 @@ from resalign_fast.ops import backends, registry
 
 
 def sgd_step_ref(
-    param: Tensor, grad: Tensor, momentum_buf: Tensor | None, *, lr: float, momentum: float,
-    weight_decay: float, first_step: bool,
+    param: Tensor,
+    grad: Tensor,
+    momentum_buf: Tensor | None,
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    first_step: bool,
 ) -> None:
     """torch.optim.SGD's update (dampening 0, no nesterov), in place; the reference.
 
@@ -51,8 +57,18 @@ def sgd_step_ref(
 
 
 def adam_step_ref(
-    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, step: int, lr: float,
-    beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool,
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled: bool,
 ) -> None:
     """torch.optim.Adam (decoupled=False) / AdamW (decoupled=True) update, in place; the reference.
 
@@ -67,12 +83,36 @@ def adam_step_ref(
         decoupled: True for AdamW.
     """
     step_size, bc2_sqrt = _bias_corrections(step, lr, beta1, beta2)
-    _adam_ref(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, decoupled,
-              step_size, bc2_sqrt)
+    _adam_ref(
+        param,
+        grad,
+        exp_avg,
+        exp_avg_sq,
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        decoupled,
+        step_size,
+        bc2_sqrt,
+    )
 
 
-def _adam_ref(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, decoupled,
-              step_size, bc2_sqrt) -> None:
+def _adam_ref(
+    param,
+    grad,
+    exp_avg,
+    exp_avg_sq,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    decoupled,
+    step_size,
+    bc2_sqrt,
+) -> None:
     """`adam_step_ref` with the kernels' arguments: the bias corrections already computed."""
     with torch.no_grad():
         g = grad
@@ -89,8 +129,15 @@ def _adam_ref(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_de
 
 def _sgd_ref(param, grad, momentum_buf, lr, momentum, weight_decay, first_step) -> None:
     """`sgd_step_ref` with the kernels' (positional) arguments."""
-    sgd_step_ref(param, grad, momentum_buf, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                 first_step=first_step)
+    sgd_step_ref(
+        param,
+        grad,
+        momentum_buf,
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        first_step=first_step,
+    )
 
 
 def _bias_corrections(step: int, lr: float, beta1: float, beta2: float) -> tuple[float, float]:
@@ -156,15 +203,24 @@ def adam_not_supported_reasons(backend: str, *tensors: Tensor | None) -> list[st
     return backends.standard_reasons("adam_step", backend, tensors, allow_grad=True)
 
 
-registry.register_op("sgd_step", SGD_IMPLEMENTATIONS, sgd_not_supported_reasons,
-                     backends.skip_interpreter)
-registry.register_op("adam_step", ADAM_IMPLEMENTATIONS, adam_not_supported_reasons,
-                     backends.skip_interpreter)
+registry.register_op(
+    "sgd_step", SGD_IMPLEMENTATIONS, sgd_not_supported_reasons, backends.skip_interpreter
+)
+registry.register_op(
+    "adam_step", ADAM_IMPLEMENTATIONS, adam_not_supported_reasons, backends.skip_interpreter
+)
 
 
 def sgd_step(
-    param: Tensor, grad: Tensor, momentum_buf: Tensor | None, *, lr: float, momentum: float,
-    weight_decay: float, first_step: bool, backend: str = "auto",
+    param: Tensor,
+    grad: Tensor,
+    momentum_buf: Tensor | None,
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    first_step: bool,
+    backend: str = "auto",
 ) -> None:
     """One torch.optim.SGD step (dampening 0, no nesterov) on one tensor, in place.
 
@@ -183,7 +239,8 @@ def sgd_step(
     """
     if lr < 0 or not 0 <= momentum < 1 or weight_decay < 0:
         raise ValueError(
-            f"sgd_step: need lr >= 0, 0 <= momentum < 1, weight_decay >= 0; got {lr}, {momentum}, {weight_decay}"
+            f"sgd_step: need lr >= 0, 0 <= momentum < 1, weight_decay >= 0; got {lr}, {momentum}, "
+            f"{weight_decay}"
         )
     if momentum != 0 and momentum_buf is None:
         raise ValueError(f"sgd_step: momentum {momentum} needs a momentum_buf")
@@ -194,10 +251,22 @@ def sgd_step(
 
 
 def adam_step(
-    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, step: int, lr: float,
-    beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool, backend: str = "auto",
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled: bool,
+    backend: str = "auto",
 ) -> None:
-    """One torch.optim.Adam (decoupled=False) or AdamW (decoupled=True) step on one tensor, in place.
+    """One torch.optim.Adam (decoupled=False) or AdamW (decoupled=True) step on one tensor, in
+    place.
 
     Args:
         param: (N,) parameters, updated in place; the other buffers alike.
@@ -223,8 +292,22 @@ def adam_step(
             f"adam_step: need lr >= 0, betas in [0, 1), eps >= 0, weight_decay >= 0; "
             f"got lr={lr}, betas=({beta1}, {beta2}), eps={eps}, weight_decay={weight_decay}"
         )
-    registry.check_buffers("adam_step", param=param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+    registry.check_buffers(
+        "adam_step", param=param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq
+    )
     run = registry.dispatch("adam_step", backend, param, grad, exp_avg, exp_avg_sq)
     step_size, bc2_sqrt = _bias_corrections(int(step), float(lr), float(beta1), float(beta2))
-    run(param, grad, exp_avg, exp_avg_sq, float(lr), float(beta1), float(beta2), float(eps),
-        float(weight_decay), bool(decoupled), step_size, bc2_sqrt)
+    run(
+        param,
+        grad,
+        exp_avg,
+        exp_avg_sq,
+        float(lr),
+        float(beta1),
+        float(beta2),
+        float(eps),
+        float(weight_decay),
+        bool(decoupled),
+        step_size,
+        bc2_sqrt,
+    )

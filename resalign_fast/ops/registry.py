@@ -46,8 +46,8 @@ for a test session, would otherwise reroute every CPU call through it. `check_bu
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor

@@ -64,7 +64,13 @@ registry.register_op(OP, IMPLEMENTATIONS, not_supported_reasons, backends.skip_i
 
 
 def richardson_step(
-    v: Tensor, b: Tensor, hv: Tensor, alpha: float, gamma: float, backend: str = "auto", *,
+    v: Tensor,
+    b: Tensor,
+    hv: Tensor,
+    alpha: float,
+    gamma: float,
+    backend: str = "auto",
+    *,
     out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """v_new = v + alpha (b - v - gamma hv) with ||v_new - v||^2 and ||v_new||^2, in one pass.

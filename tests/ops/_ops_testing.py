@@ -25,7 +25,8 @@ TRITON_CHILD_ENV = "RESALIGN_TEST_TRITON_CHILD"
 
 
 def cases(backends=registry.STANDARD_BACKENDS):
-    """(backend, dtype, size) parameters: fp32/fp64 everywhere, bf16 for the GPU-capable backends."""
+    """(backend, dtype, size) parameters: fp32/fp64 everywhere, bf16 for the GPU-capable
+    backends."""
     out = []
     for backend in backends:
         dtypes = ["float32", "float64"] + (["bfloat16"] if backend in ("cuda", "triton") else [])
@@ -40,13 +41,17 @@ def device_for(backend: str, dtype: torch.dtype) -> torch.device:
             pytest.skip("no CUDA device")
         reasons = registry.extension_reasons("richardson_step_cuda")
         if reasons:
-            pytest.fail("a CUDA device is present but the CUDA kernels are missing: " + "; ".join(reasons))
+            pytest.fail(
+                "a CUDA device is present but the CUDA kernels are missing: " + "; ".join(reasons)
+            )
         return torch.device("cuda")
     if backend == "triton":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if dtype in (torch.float16, torch.bfloat16):
-            pytest.skip("fp16/bf16 Triton kernels run on GPUs only (the interpreter computes in numpy)")
+            pytest.skip(
+                "fp16/bf16 Triton kernels run on GPUs only (the interpreter computes in numpy)"
+            )
         return torch.device("cpu")
     if backend == "cpp" and registry.extension()[0] is None:
         pytest.skip(f"C++ kernels unavailable: {registry.extension()[1]}")
@@ -78,9 +83,13 @@ def needs_triton_child(backend: str, device: torch.device) -> bool:
     return not registry.interpreter_active()
 
 
-def randn(n: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator, scale: float = 1.0) -> torch.Tensor:
+def randn(
+    n: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator, scale: float = 1.0
+) -> torch.Tensor:
     """Fresh standard-normal buffer, drawn in fp64 on the CPU from `gen` then converted."""
-    return (torch.randn(n, generator=gen, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+    return (torch.randn(n, generator=gen, dtype=torch.float64) * scale).to(
+        device=device, dtype=dtype
+    )
 
 
 def generator() -> torch.Generator:
@@ -94,8 +103,14 @@ def ulp(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps
 
 
-def assert_close_to_truth(out: torch.Tensor, ref: torch.Tensor, truth: torch.Tensor, *, name: str,
-                          reduction_n: int | None = None) -> None:
+def assert_close_to_truth(
+    out: torch.Tensor,
+    ref: torch.Tensor,
+    truth: torch.Tensor,
+    *,
+    name: str,
+    reduction_n: int | None = None,
+) -> None:
     """The tolerance rule of this module (see the docstring).
 
     Args:

@@ -17,7 +17,6 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-
 from _ops_testing import DTYPES, TRITON_CHILD_ENV, device_for, needs_triton_child
 
 HERE = Path(__file__).resolve().parent
@@ -36,8 +35,18 @@ class TritonChild:
     def _run(self) -> None:
         xml = self._tmp / "triton.xml"
         env = dict(os.environ, TRITON_INTERPRET="1", **{TRITON_CHILD_ENV: "1"})
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "triton",
-               f"--junitxml={xml}", *[str(HERE / f) for f in TRITON_FILES]]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-k",
+            "triton",
+            f"--junitxml={xml}",
+            *[str(HERE / f) for f in TRITON_FILES],
+        ]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         self._log = (proc.stdout + proc.stderr)[-4000:]
         self._results = {}
@@ -48,7 +57,10 @@ class TritonChild:
             outcome, message = "passed", ""
             for child in case:
                 if child.tag in ("failure", "error"):
-                    outcome, message = "failed", (child.get("message", "") + "\n" + (child.text or ""))[-3000:]
+                    outcome, message = (
+                        "failed",
+                        (child.get("message", "") + "\n" + (child.text or ""))[-3000:],
+                    )
                 elif child.tag == "skipped":
                     outcome, message = "skipped", child.get("message", "")
             self._results[key] = outcome, message
@@ -59,7 +71,9 @@ class TritonChild:
             self._run()
         key = (Path(node.fspath).stem, node.name)
         if key not in self._results:
-            pytest.fail(f"the Triton child run has no result for {node.name}; its output:\n{self._log}")
+            pytest.fail(
+                f"the Triton child run has no result for {node.name}; its output:\n{self._log}"
+            )
         outcome, message = self._results[key]
         if outcome == "failed":
             pytest.fail(f"under TRITON_INTERPRET=1 (child process): {message}")

@@ -61,16 +61,21 @@ def _assert_close(got, want, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("mask", ["none", "additive", "bool", "bool_keys"])
-@pytest.mark.parametrize("shape_q,nk,dv,chunk", [
-    ((2, 3, 37, 8), 29, None, 8),  # odd lengths, last chunk partial
-    ((1, 2, 13, 5), 77, 3, 1),  # cross-attention, Dv != D, one row per chunk
-    ((2, 1, 9, 4), 9, None, 64),  # one chunk larger than Nq
-])
+@pytest.mark.parametrize(
+    "shape_q,nk,dv,chunk",
+    [
+        ((2, 3, 37, 8), 29, None, 8),  # odd lengths, last chunk partial
+        ((1, 2, 13, 5), 77, 3, 1),  # cross-attention, Dv != D, one row per chunk
+        ((2, 1, 9, 4), 9, None, 64),  # one chunk larger than Nq
+    ],
+)
 def test_chunked_attention_matches_ref(shape_q, nk, dv, chunk, mask, dtype):
     q, k, v = _qkv(shape_q, nk, dv, dtype)
     m = _mask(mask, q, k)
     w = torch.randn(*q.shape[:-1], v.shape[-1], dtype=dtype)
-    got = _loss_and_grads(lambda q, k, v: chunked_attention(q, k, v, chunk=chunk, attn_mask=m), q, k, v, w)
+    got = _loss_and_grads(
+        lambda q, k, v: chunked_attention(q, k, v, chunk=chunk, attn_mask=m), q, k, v, w
+    )
     want = _loss_and_grads(lambda q, k, v: attention_ref(q, k, v, attn_mask=m), q, k, v, w)
     _assert_close(got, want, dtype)
 
@@ -106,7 +111,8 @@ def test_chunked_hvp_matches_ref(hvp, mask):
 
 
 def test_chunked_gradcheck_and_gradgradcheck():
-    """Finite differences of every first and second derivative, including w.r.t. the incoming grad."""
+    """Finite differences of every first and second derivative, including w.r.t. the incoming
+    grad."""
     q, k, v = (x.requires_grad_() for x in _qkv((1, 2, 7, 3), 5, 2, seed=4))
     fn = lambda q, k, v: chunked_attention(q, k, v, chunk=3)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (q, k, v))
@@ -119,7 +125,9 @@ def _peak_bytes(fn, n, mode):
     t = tuple(torch.randn_like(x) for x in (q, k, v))
     w = torch.ones(1, 2, n, 16)
     with StorageTracker(block=1) as tracker:
-        (_hvp_reverse_reverse if mode == "double_backward" else _hvp_func_jvp_of_grad)(fn, q, k, v, t, w)
+        (_hvp_reverse_reverse if mode == "double_backward" else _hvp_func_jvp_of_grad)(
+            fn, q, k, v, t, w
+        )
     return tracker.peak
 
 
@@ -127,8 +135,8 @@ def _peak_bytes(fn, n, mode):
 def test_hvp_peak_memory_grows_linearly(mode):
     """Doubling N doubles the chunked HVP's peak and quadruples attention_ref's.
 
-    Measured (fp32, B*H=2, D=16, chunk 64, MiB at N=256/512/1024): double backward, ref 5.9/22.8/89.5,
-    chunked 1.9/3.7/7.4; jvp of grad, ref 6.9/26.8/105.5, chunked 1.7/3.5/6.9.
+    Measured (fp32, B*H=2, D=16, chunk 64, MiB at N=256/512/1024): double backward, ref
+    5.9/22.8/89.5, chunked 1.9/3.7/7.4; jvp of grad, ref 6.9/26.8/105.5, chunked 1.7/3.5/6.9.
     """
     chunked = lambda q, k, v: chunked_attention(q, k, v, chunk=64)  # noqa: E731
     ns = (256, 512, 1024)
@@ -143,7 +151,9 @@ def test_hvp_peak_memory_grows_linearly(mode):
 def test_dispatch_selects_and_explains():
     q, k, v = _qkv((1, 2, 5, 4), 6, dtype=torch.float32)
     assert select_backend(q, k, v, order=1) == "sdpa"
-    assert select_backend(q, k, v, order=2) == "chunked"  # CPU tensors: never the Triton interpreter
+    assert (
+        select_backend(q, k, v, order=2) == "chunked"
+    )  # CPU tensors: never the Triton interpreter
     assert not_supported_reasons("chunked", q, k, v, order=2) == []
     with pytest.raises(ValueError, match="sdpa.*double backward"):
         attention(q, k, v, backend="sdpa", order=2)
@@ -171,10 +181,13 @@ def test_chunked_rejects_bad_inputs():
     with pytest.raises(ValueError, match="chunk must be"):
         chunked_attention(q, k, v, chunk=0)
     with pytest.raises(ValueError, match="must not require grad"):
-        chunked_attention(q, k, v, attn_mask=torch.zeros(1, 1, 4, 5, dtype=q.dtype, requires_grad=True))
+        chunked_attention(
+            q, k, v, attn_mask=torch.zeros(1, 1, 4, 5, dtype=q.dtype, requires_grad=True)
+        )
 
 
 # ---- Triton kernels (TRITON_INTERPRET=1 on CPU: about 1.8 ms per program, keep sizes small) ----
+
 
 def _triton_module():
     """The kernels, in Triton's interpreter on a machine without CUDA (decided at their import)."""
@@ -202,12 +215,15 @@ def _check_against_fp64(fast, plain, exact):
 
 
 @pytest.mark.parametrize("dtype", TRITON_DTYPES)
-@pytest.mark.parametrize("b,h,nq,nk,d", [
-    (2, 2, 37, 77, 40),  # SD cross-attention: 77 text tokens
-    (1, 1, 37, 37, 80),
-    (1, 1, 20, 33, 160),
-    (1, 1, 1000, 77, 40),
-])
+@pytest.mark.parametrize(
+    "b,h,nq,nk,d",
+    [
+        (2, 2, 37, 77, 40),  # SD cross-attention: 77 text tokens
+        (1, 1, 37, 37, 80),
+        (1, 1, 20, 33, 160),
+        (1, 1, 1000, 77, 40),
+    ],
+)
 def test_triton_matches_ref(b, h, nq, nk, d, dtype):
     _triton_module()  # imported in the interpreter on CPU
     g = torch.Generator().manual_seed(nq + d)
@@ -230,14 +246,18 @@ def test_triton_hvp_matches_ref(hvp):
     t = tuple(torch.randn_like(x) for x in (q, k, v))
     w = torch.randn_like(q)
     got = hvp(lambda q, k, v: attention_triton(q, k, v, chunk=8), q, k, v, t, w)
-    want = hvp(attention_ref, *(x.double() for x in (q, k, v)), tuple(x.double() for x in t), w.double())
+    want = hvp(
+        attention_ref, *(x.double() for x in (q, k, v)), tuple(x.double() for x in t), w.double()
+    )
     _check_against_fp64(got, got, want)
 
 
 def test_triton_dispatch_and_refusals():
     kern = _triton_module()
     q, k, v = (x.float().to(DEVICE) for x in _qkv((1, 1, 9, 16), 11, seed=7))
-    torch.testing.assert_close(attention(q, k, v, backend="triton", order=2), attention_ref(q, k, v))
+    torch.testing.assert_close(
+        attention(q, k, v, backend="triton", order=2), attention_ref(q, k, v)
+    )
     reasons = kern.not_supported_reasons(
         "triton", q.double(), k.double(), v[..., :8].double(), torch.zeros(9, 11)
     )

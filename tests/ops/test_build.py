@@ -25,8 +25,15 @@ def setup_py():
     sys.modules.pop(spec.name, None)
 
 
-CPU_TORCH = dict(torch_version="2.13.0+cpu", torch_cuda=None, cuda_available=False, cuda_home="/usr/local/cuda")
-CUDA_TORCH = dict(torch_version="2.14.1+cu130", torch_cuda="13.0", cuda_available=False, cuda_home="/usr/local/cuda")
+CPU_TORCH = dict(
+    torch_version="2.13.0+cpu", torch_cuda=None, cuda_available=False, cuda_home="/usr/local/cuda"
+)
+CUDA_TORCH = dict(
+    torch_version="2.14.1+cu130",
+    torch_cuda="13.0",
+    cuda_available=False,
+    cuda_home="/usr/local/cuda",
+)
 
 
 @pytest.mark.parametrize(
@@ -53,10 +60,22 @@ def test_decide_build(setup_py, env, torch_facts, variants):
 @pytest.mark.parametrize(
     "env,torch_facts,match",
     [
-        ({"RESALIGN_FAST_NO_EXTENSIONS": "1", "RESALIGN_FAST_REQUIRE_EXTENSIONS": "1"}, CPU_TORCH, "contradict"),
-        ({"RESALIGN_FAST_REQUIRE_EXTENSIONS": "1"}, dict(CPU_TORCH, torch_version=None), "not importable"),
+        (
+            {"RESALIGN_FAST_NO_EXTENSIONS": "1", "RESALIGN_FAST_REQUIRE_EXTENSIONS": "1"},
+            CPU_TORCH,
+            "contradict",
+        ),
+        (
+            {"RESALIGN_FAST_REQUIRE_EXTENSIONS": "1"},
+            dict(CPU_TORCH, torch_version=None),
+            "not importable",
+        ),
         ({"RESALIGN_FAST_REQUIRE_EXTENSIONS": "1", "FORCE_CUDA": "1"}, CPU_TORCH, "CPU build"),
-        ({"RESALIGN_FAST_REQUIRE_EXTENSIONS": "1", "FORCE_CUDA": "1"}, dict(CUDA_TORCH, cuda_home=None), "toolkit"),
+        (
+            {"RESALIGN_FAST_REQUIRE_EXTENSIONS": "1", "FORCE_CUDA": "1"},
+            dict(CUDA_TORCH, cuda_home=None),
+            "toolkit",
+        ),
     ],
 )
 def test_decide_build_required_failures_are_fatal(setup_py, env, torch_facts, match):
@@ -70,9 +89,17 @@ def test_required_flag_is_carried(setup_py):
 
 
 def test_pure_python_build_ships_kernels_and_assets(tmp_path):
-    """RESALIGN_FAST_NO_EXTENSIONS=1: no compiler runs; the kernels package, assets and configs are in."""
+    """RESALIGN_FAST_NO_EXTENSIONS=1: no compiler runs; the kernels package, assets and configs
+    are in."""
     env = dict(os.environ, RESALIGN_FAST_NO_EXTENSIONS="1")
-    cmd = [sys.executable, str(ROOT / "setup.py"), "-q", "build", "--build-base", str(tmp_path / "b")]
+    cmd = [
+        sys.executable,
+        str(ROOT / "setup.py"),
+        "-q",
+        "build",
+        "--build-base",
+        str(tmp_path / "b"),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "pure-Python install" in proc.stderr
@@ -81,7 +108,11 @@ def test_pure_python_build_ships_kernels_and_assets(tmp_path):
     assert (lib / "resalign_fast" / "ops" / "registry.py").is_file()
     assert not list(lib.rglob("*.so")), "an extension was built"
     pkg = ROOT / "resalign_fast"
-    shipped = {p.relative_to(pkg) for p in (pkg / "assets").rglob("*") if p.suffix in (".safetensors", ".json", ".txt", ".csv")}
+    shipped = {
+        p.relative_to(pkg)
+        for p in (pkg / "assets").rglob("*")
+        if p.suffix in (".safetensors", ".json", ".txt", ".csv")
+    }
     shipped |= {p.relative_to(pkg) for p in pkg.rglob("*.toml")}
     assert shipped, "no assets in the checkout to check"
     for rel in shipped:
@@ -94,7 +125,11 @@ def test_built_extension_metadata_matches_runtime():
         pytest.skip(f"extension not built: {error}")
     meta = ext.build_info()
     assert meta["variant"] in ("cpu", "cuda")
-    assert (meta["cuda_ops"] == "yes") == (meta["variant"] == "cuda") == hasattr(ext, "richardson_step_cuda")
+    assert (
+        (meta["cuda_ops"] == "yes")
+        == (meta["variant"] == "cuda")
+        == hasattr(ext, "richardson_step_cuda")
+    )
     assert meta["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
     assert meta["openmp"] != "no"
 
@@ -105,7 +140,13 @@ def test_info_prints_versions_build_and_op_table(capsys):
     assert torch.__version__ in out
     table = out.split("== ops x backends")[1]
     header = table.splitlines()[1].split()
-    assert header[:5] == ["op", "cuda", "triton", "cpp", "torch"]  # other ops may add backends after
+    assert header[:5] == [
+        "op",
+        "cuda",
+        "triton",
+        "cpp",
+        "torch",
+    ]  # other ops may add backends after
     for op in ("richardson_step", "fd_perturb", "fd_combine", "sgd_step", "adam_step"):
         row = next(line.split() for line in table.splitlines() if line.split()[:1] == [op])
         cells = " ".join(row[1:]).replace("no [", "no[").split()

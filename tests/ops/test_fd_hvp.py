@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from _ops_testing import assert_close_to_truth, case, cases, device_for, generator, randn
+
 from resalign_fast.ops import registry
 from resalign_fast.ops.fd_hvp import fd_combine, fd_combine_ref, fd_perturb, fd_perturb_ref
 
@@ -55,7 +55,10 @@ def test_fd_hvp_of_quadratic_is_exact(backend):
     n = 29
     m = torch.randn(n, n, generator=gen, dtype=torch.float64)
     a = m @ m.T
-    x, v = torch.randn(n, generator=gen, dtype=torch.float64), torch.randn(n, generator=gen, dtype=torch.float64)
+    x, v = (
+        torch.randn(n, generator=gen, dtype=torch.float64),
+        torch.randn(n, generator=gen, dtype=torch.float64),
+    )
     eps = 1e-3
     x_plus, x_minus = fd_perturb(x, v, eps, backend=backend)
     hv = fd_combine(a @ x_plus, a @ x_minus, eps, backend=backend)
@@ -84,7 +87,9 @@ def test_fd_ops_write_into_out(backend):
     assert torch.equal(plus, expected[0]) and torch.equal(minus, expected[1])
     hv_buf = torch.empty_like(x)
     hv = fd_combine(plus, minus, 1e-3, backend=backend, out=hv_buf)
-    assert hv.data_ptr() == hv_buf.data_ptr() and torch.equal(hv, fd_combine(plus, minus, 1e-3, backend=backend))
+    assert hv.data_ptr() == hv_buf.data_ptr() and torch.equal(
+        hv, fd_combine(plus, minus, 1e-3, backend=backend)
+    )
     with pytest.raises(ValueError, match="overlaps"):
         fd_perturb(x, v, 1e-3, backend=backend, out=(bufs[0], bufs[0]))
     with pytest.raises(ValueError, match="overlaps"):

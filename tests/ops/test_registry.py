@@ -45,7 +45,12 @@ def test_named_backend_that_cannot_run_lists_every_reason(fake_op):
 
 def test_auto_skip_passes_over_a_runnable_backend(fake_op):
     name, _ = fake_op
-    registry.register_op(name, ("fast", "slow"), lambda b, *t: [], auto_skip=lambda b, *t: "debug only" if b == "fast" else None)
+    registry.register_op(
+        name,
+        ("fast", "slow"),
+        lambda b, *t: [],
+        auto_skip=lambda b, *t: "debug only" if b == "fast" else None,
+    )
     assert select_backend(name, "auto") == "slow"
     assert select_backend(name, "fast") == "fast"  # by name it runs
 
@@ -58,15 +63,24 @@ def test_builtin_refusals_on_cpu_tensors():
     half = registry.not_supported_reasons("fd_combine", "cpp", x.half(), x.half())
     assert any("float16, needs one of float32, float64" in r for r in half), half
     strided = torch.randn(10)[::2]
-    assert any("not contiguous" in r for r in registry.not_supported_reasons("fd_combine", "cpp", strided, strided))
+    assert any(
+        "not contiguous" in r
+        for r in registry.not_supported_reasons("fd_combine", "cpp", strided, strided)
+    )
     grad = torch.randn(5, requires_grad=True)
-    assert any("requires grad" in r for r in registry.not_supported_reasons("fd_combine", "cpp", grad, x))
+    assert any(
+        "requires grad" in r for r in registry.not_supported_reasons("fd_combine", "cpp", grad, x)
+    )
     with torch.no_grad():
-        assert not any("requires grad" in r for r in registry.not_supported_reasons("fd_combine", "cpp", grad, x))
+        assert not any(
+            "requires grad" in r
+            for r in registry.not_supported_reasons("fd_combine", "cpp", grad, x)
+        )
 
 
 def test_auto_order_on_cpu_tensors(monkeypatch):
-    """cuda and (outside the interpreter) triton refuse CPU tensors; then cpp if built, else torch."""
+    """cuda and (outside the interpreter) triton refuse CPU tensors; then cpp if built, else
+    torch."""
     x = torch.randn(7)
     expected = "cpp" if registry.extension()[0] is not None else "torch"
     assert select_backend("fd_combine", "auto", x, x) == expected
@@ -79,7 +93,9 @@ def test_auto_order_on_cpu_tensors(monkeypatch):
     with pytest.raises(UnsupportedBackendError, match=r"not built \(test\)"):
         fd_combine(x, x, 1e-3, backend="cpp")
     x64 = x.double()
-    torch.testing.assert_close(fd_combine(x64, x64 + 2e-3, 1e-3), torch.full((7,), -1.0, dtype=torch.float64))
+    torch.testing.assert_close(
+        fd_combine(x64, x64 + 2e-3, 1e-3), torch.full((7,), -1.0, dtype=torch.float64)
+    )
 
 
 def test_triton_refusal_without_interpreter(monkeypatch):
@@ -98,7 +114,9 @@ def test_availability_table_covers_every_builtin_op():
         assert list(table) == list(registry.STANDARD_BACKENDS)
         assert table["torch"] == []
         assert (table["cpp"] == []) == (registry.extension()[0] is not None)
-        assert (table["cuda"] == []) == (torch.cuda.is_available() and not registry.extension_reasons(f"{op}_cuda"))
+        assert (table["cuda"] == []) == (
+            torch.cuda.is_available() and not registry.extension_reasons(f"{op}_cuda")
+        )
 
 
 def test_cpp_results_do_not_depend_on_thread_count():
@@ -114,10 +132,32 @@ def test_cpp_results_do_not_depend_on_thread_count():
     try:
         for t in (1, 2):
             torch.set_num_threads(t)
-            p, m, s = v.clone(), torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
-            adam_step(p, b, m, s, step=1, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
-                      decoupled=False, backend="cpp")
-            results.append((*richardson_step(v, b, hv, 0.5, 1.0, backend="cpp"), *fd_perturb(v, b, 1e-3, backend="cpp"), p))
+            p, m, s = (
+                v.clone(),
+                torch.zeros(n, dtype=torch.float64),
+                torch.zeros(n, dtype=torch.float64),
+            )
+            adam_step(
+                p,
+                b,
+                m,
+                s,
+                step=1,
+                lr=1e-3,
+                beta1=0.9,
+                beta2=0.999,
+                eps=1e-8,
+                weight_decay=0.0,
+                decoupled=False,
+                backend="cpp",
+            )
+            results.append(
+                (
+                    *richardson_step(v, b, hv, 0.5, 1.0, backend="cpp"),
+                    *fd_perturb(v, b, 1e-3, backend="cpp"),
+                    p,
+                )
+            )
     finally:
         torch.set_num_threads(threads)
     for one, two in zip(*results):

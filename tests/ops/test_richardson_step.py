@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from _ops_testing import (
     assert_close_to_truth,
     case,
@@ -12,6 +11,7 @@ from _ops_testing import (
     generator,
     randn,
 )
+
 from resalign_fast.ops import registry
 from resalign_fast.ops.richardson_step import richardson_step, richardson_step_ref
 
@@ -39,9 +39,16 @@ def test_richardson_step_matches_ref(backend, dtype_name, size):
         assert_close_to_truth(upd_sq, ref[1], truth_upd, name="upd_sq", reduction_n=n)
         assert_close_to_truth(vnew_sq, ref[2], truth_new, name="vnew_sq", reduction_n=n)
     else:  # half types: compare with the norms of the fused v_new itself
-        assert_close_to_truth(upd_sq, ref[1], exact_sq_norm(v_new.double() - v.double()).float(), name="upd_sq",
-                              reduction_n=n)
-        assert_close_to_truth(vnew_sq, ref[2], exact_sq_norm(v_new).float(), name="vnew_sq", reduction_n=n)
+        assert_close_to_truth(
+            upd_sq,
+            ref[1],
+            exact_sq_norm(v_new.double() - v.double()).float(),
+            name="upd_sq",
+            reduction_n=n,
+        )
+        assert_close_to_truth(
+            vnew_sq, ref[2], exact_sq_norm(v_new).float(), name="vnew_sq", reduction_n=n
+        )
     assert upd_sq.shape == () and vnew_sq.shape == () and v_new.shape == (n,)
 
 
@@ -97,6 +104,10 @@ def test_richardson_step_writes_into_out(backend):
     v_new, upd_sq, vnew_sq = richardson_step(v, b, hv, 0.7, 1.1, backend=backend, out=out)
     assert v_new.data_ptr() == out.data_ptr()
     expected = richardson_step(v, b, hv, 0.7, 1.1, backend=backend)
-    assert torch.equal(v_new, expected[0]) and torch.equal(upd_sq, expected[1]) and torch.equal(vnew_sq, expected[2])
+    assert (
+        torch.equal(v_new, expected[0])
+        and torch.equal(upd_sq, expected[1])
+        and torch.equal(vnew_sq, expected[2])
+    )
     with pytest.raises(ValueError, match="overlaps"):
         richardson_step(v, b, hv, 0.7, 1.1, backend=backend, out=v)
