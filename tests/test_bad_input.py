@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny import train_args
 
 from resalign_fast import train
 from resalign_fast.data.sets import DataError, load_image_folder
@@ -29,31 +30,7 @@ def _folder(path, n=4, size=16, mode="L", seed=0):
 
 
 def _args(model_dir, ft_space, out, data=None, *extra):
-    a = [
-        "--pretrained_model_name_or_path",
-        str(model_dir),
-        "--ft_space",
-        str(ft_space),
-        "--output_dir",
-        str(out),
-        "--run_name",
-        "r",
-        "--outer_steps",
-        "1",
-        "--configs_per_step",
-        "1",
-        "--batch_size",
-        "2",
-        "--iters",
-        "1",
-        "--samples_per_prompt",
-        "0",
-        "--no-progress",
-        "--device",
-        "cpu",
-        "--checkpoint_every",
-        "1",
-    ]
+    a = train_args(model_dir, ft_space, out, checkpoint_every=1)
     if data is not None:
         a += ["--harmful_data", str(data), "--preserve_data", str(data), "--ft_data", str(data)]
     return a + list(extra)

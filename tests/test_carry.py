@@ -4,6 +4,7 @@ its horizon, and an interrupted run resumes it exactly."""
 import json
 
 import torch
+from tiny import train_args
 
 from resalign_fast import train
 
@@ -18,38 +19,19 @@ def _space(tmp_path):
 
 
 def _args(model_dir, space, out, name, steps, *extra):
-    return [
-        "--pretrained_model_name_or_path",
-        str(model_dir),
-        "--ft_space",
-        str(space),
-        "--output_dir",
-        str(out),
-        "--run_name",
+    return train_args(
+        model_dir,
+        space,
+        out,
         name,
-        "--outer_steps",
-        str(steps),
-        "--checkpoint_every",
-        "2",
-        "--configs_per_step",
-        "1",
-        "--batch_size",
-        "2",
-        "--iters",
-        "2",
-        "--lr",
-        "1e-2",
-        "--samples_per_prompt",
-        "0",
-        "--no-progress",
-        "--device",
-        "cpu",
-        "--ft_carry",
-        "4",
-        "--hypergrad",
-        "first_order",
         *extra,
-    ]
+        outer_steps=steps,
+        checkpoint_every=2,
+        iters=2,
+        lr="1e-2",
+        ft_carry=4,
+        hypergrad="first_order",
+    )
 
 
 def test_carry_continues_restarts_and_resumes(tiny_model_dir, tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from tiny import train_args
 
 from resalign_fast import train
 from resalign_fast.distributed import DistContext
@@ -68,31 +69,9 @@ def test_gloo_reduction_is_bit_identical_to_sequential_sum():
 
 
 def _args(model_dir, ft_space, out, name):
-    return [
-        "--pretrained_model_name_or_path",
-        str(model_dir),
-        "--ft_space",
-        str(ft_space),
-        "--output_dir",
-        str(out),
-        "--run_name",
-        name,
-        "--outer_steps",
-        "2",
-        "--configs_per_step",
-        "3",
-        "--batch_size",
-        "2",
-        "--iters",
-        "2",
-        "--lr",
-        "1e-2",
-        "--samples_per_prompt",
-        "0",
-        "--no-progress",
-        "--device",
-        "cpu",
-    ]
+    return train_args(
+        model_dir, ft_space, out, name, outer_steps=2, configs_per_step=3, iters=2, lr="1e-2"
+    )
 
 
 def test_torchrun_two_ranks_match_one_process(tiny_model_dir, tiny_ft_space, tmp_path):

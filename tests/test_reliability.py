@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import run_and_kill
+from tiny import run_and_kill, train_args
 
 from resalign_fast import evaluate, finetune, prepare_data, train
 from resalign_fast.cli import parse_config
@@ -41,32 +41,7 @@ def _ft_args(model, out, *extra):
 
 
 def _train_args(model, space, out, *extra):
-    return [
-        "--pretrained_model_name_or_path",
-        str(model),
-        "--ft_space",
-        str(space),
-        "--output_dir",
-        str(out),
-        "--run_name",
-        "r",
-        "--outer_steps",
-        "2",
-        "--configs_per_step",
-        "1",
-        "--batch_size",
-        "2",
-        "--iters",
-        "1",
-        "--samples_per_prompt",
-        "0",
-        "--no-progress",
-        "--device",
-        "cpu",
-        "--checkpoint_every",
-        "1",
-        *extra,
-    ]
+    return train_args(model, space, out, "r", *extra, outer_steps=2, checkpoint_every=1)
 
 
 def _files(folder: Path) -> list[str]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import run_and_kill
+from tiny import run_and_kill, train_args
 
 from resalign_fast import train
 
@@ -17,34 +17,18 @@ STEPS = 4
 
 
 def _args(model_dir, ft_space, out, name, *extra):
-    return [
-        "--pretrained_model_name_or_path",
-        str(model_dir),
-        "--ft_space",
-        str(ft_space),
-        "--output_dir",
-        str(out),
-        "--run_name",
+    return train_args(
+        model_dir,
+        ft_space,
+        out,
         name,
-        "--outer_steps",
-        str(STEPS),
-        "--checkpoint_every",
-        "2",
-        "--configs_per_step",
-        "2",
-        "--batch_size",
-        "2",
-        "--iters",
-        "2",
-        "--lr",
-        "1e-2",
-        "--samples_per_prompt",
-        "0",
-        "--no-progress",
-        "--device",
-        "cpu",
         *extra,
-    ]
+        outer_steps=STEPS,
+        checkpoint_every=2,
+        configs_per_step=2,
+        iters=2,
+        lr="1e-2",
+    )
 
 
 def _final(run: Path):

@@ -20,6 +20,35 @@ def tiny_unet_config(**kw) -> dict:
     return cfg
 
 
+def train_args(model_dir, ft_space, out, name: str = "r", *extra: str, **flags) -> list[str]:
+    """Command line of a tiny `python -m resalign_fast.train` run on the CPU: no progress bar, no
+    sample images, one configuration per step of batch 2 and one Richardson iteration unless
+    `flags` (name=value, each becoming `--name value`) say otherwise; `extra` goes last."""
+    settings = {
+        "outer_steps": 1,
+        "configs_per_step": 1,
+        "batch_size": 2,
+        "iters": 1,
+        "samples_per_prompt": 0,
+        "device": "cpu",
+        **flags,
+    }
+    args = [
+        "--pretrained_model_name_or_path",
+        str(model_dir),
+        "--ft_space",
+        str(ft_space),
+        "--output_dir",
+        str(out),
+        "--run_name",
+        name,
+        "--no-progress",
+    ]
+    for key, value in settings.items():
+        args += [f"--{key}", str(value)]
+    return args + list(extra)
+
+
 def run_and_kill(module: str, args: list[str], watched, lines: int, timeout: float = 240.0) -> None:
     """Run `python -m <module> args` in a subprocess (one thread) and SIGKILL it as soon as the file
     `watched` has `lines` lines; asserts that it was killed, not finished or crashed."""
