@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from resalign_fast.hypergrad.vec import norm_sq
+from resalign_fast.hypergrad.vec import dot, norm_sq
 from resalign_fast.ops.richardson_step import richardson_step
 
 HVP = Callable[[list[Tensor]], list[Tensor]]
@@ -38,10 +38,6 @@ __all__ = ["richardson_solve", "cg_solve", "neumann_solve", "make_solver"]
 
 def _flat(t: Tensor) -> Tensor:
     return t.contiguous().view(-1)
-
-
-def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
-    return sum((x * y).sum() for x, y in zip(a, b))  # type: ignore[return-value]
 
 
 def _check(b: Sequence[Tensor], iters: int) -> list[Tensor]:
@@ -233,23 +229,23 @@ def cg_solve(
     x = [torch.zeros_like(t) for t in b]
     r = list(b)
     p = list(b)
-    rs = _dot(r, r)
+    rs = dot(r, r)
     stop = (tol * tol) * rs
     for _ in range(iters):
         if rs <= stop or rs == 0:
             break
         hp = _hvp_checked(hvp, p)
         ap = [pi + gamma * hi.detach() for pi, hi in zip(p, hp)]
-        curv = _dot(p, ap)
-        if not torch.isfinite(curv) or curv <= 0:
+        curv = dot(p, ap)
+        if not math.isfinite(curv) or curv <= 0:
             raise ValueError(
-                f"cg_solve: p^T (I + gamma H) p = {float(curv):.3g} is not positive; the system "
+                f"cg_solve: p^T (I + gamma H) p = {curv:.3g} is not positive; the system "
                 "is not positive definite (use richardson with a smaller alpha or a smaller gamma)"
             )
         a = rs / curv
         x = [xi + a * pi for xi, pi in zip(x, p)]
         r = [ri - a * api for ri, api in zip(r, ap)]
-        rs_new = _dot(r, r)
+        rs_new = dot(r, r)
         p = [ri + (rs_new / rs) * pi for ri, pi in zip(r, p)]
         rs = rs_new
     return x
