@@ -50,10 +50,10 @@ def _cos(a, b) -> float:
 def _step0_hypergrads(algo) -> list[list[torch.Tensor]]:
     """Each configuration's hypergradient of outer step 0 (as `ResAlign.step` computes it, no
     update)."""
-    from resalign_fast.bilevel import config_generator
+    from resalign_fast.bilevel import config_generator, step_generator
 
     cfg = algo.cfg
-    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003)
+    gen = step_generator(cfg.seed, 0)
     direct = algo.direct_grad(0, gen)
     configs = algo.ft_space.sample(cfg.configs_per_step, gen)
     out = []

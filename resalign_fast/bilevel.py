@@ -58,6 +58,7 @@ __all__ = [
     "ResAlign",
     "StepResult",
     "config_generator",
+    "step_generator",
 ]
 
 log = logging.getLogger("resalign_fast.bilevel")
@@ -65,6 +66,11 @@ log = logging.getLogger("resalign_fast.bilevel")
 
 class NumericalError(RuntimeError):
     """A NaN or inf in a loss or hypergradient (the message names the step and configuration)."""
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The generator of outer step `step`: its L_h and R batches, then its configurations."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
 def config_generator(seed: int, step: int, i: int) -> torch.Generator:
@@ -288,7 +294,7 @@ class ResAlign(UnlearningObjectives):
         t0 = time.time()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + s)
+        gen = step_generator(cfg.seed, s)
         with self.phase("direct gradient"):
             direct = self.direct_grad(s, gen)
         res = StepResult(step=s, harmful=direct.harmful, preserve=direct.preserve, w_r=direct.w_r)

@@ -9,6 +9,7 @@ import tempfile
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import tiny_unet_config
 
 from resalign_fast import prepare_data, train
 from resalign_fast.data.encoded import encode_set
@@ -33,18 +34,7 @@ def tiny_sd_dir(tmp_path_factory):
     from resalign_fast.models.tokenizer import build_clip_tokenizer
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=8,
-        attention_head_dim=2,
-        norm_num_groups=4,
-    )
+    unet = UNet2DConditionModel(**tiny_unet_config(in_channels=4, out_channels=4))
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import torch
 from torch import Tensor
 
-from resalign_fast.bilevel import ResAlign, config_generator
+from resalign_fast.bilevel import ResAlign, config_generator, step_generator
 from resalign_fast.data.encoded import EncodedSet
 from resalign_fast.memplan.recipes import ConfigKind, Recipe, StepShape, trainer_config
 from resalign_fast.memplan.tracker import StorageTracker
@@ -102,7 +102,7 @@ def trainer_step(trainer: ResAlign, tracker: StorageTracker | None = None) -> No
 def trainer_hypergradient(trainer: ResAlign) -> list[Tensor]:
     """The hypergradient g_C of outer step 0's configuration, from the public phases (no update)."""
     cfg = trainer.cfg
-    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003)
+    gen = step_generator(cfg.seed, 0)
     direct = trainer.direct_grad(0, gen)
     (c,) = trainer.ft_space.sample(1, gen)
     result = trainer.config_hypergrad(c, direct, config_generator(cfg.seed, 0, 0))
